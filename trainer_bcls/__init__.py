@@ -1,0 +1,53 @@
+"""Training side of BCLS: data, continuous relevance labels, collator, Trainer subclass and retrieval metrics."""
+
+from .collator import BCLSDataCollator
+from .data import (
+    ImageCaptionIndex,
+    densify_ids,
+    load_hf_dataset,
+    load_imagefolder,
+    load_karpathy,
+    load_pairs,
+    validate_images,
+    without_image_decoding,
+)
+from .evaluation import EncodedSplit, encode_split, evaluate_retrieval, split_metrics
+from .metrics import retrieval_metrics
+from .relevance import (
+    PrecomputedRelevance,
+    RelevanceLabels,
+    SentenceEmbeddingRelevance,
+    TfidfRelevance,
+    build_relevance_labels,
+)
+from .synthetic import default_synthetic_dir, make_synthetic_dataset
+from .tiny_towers import build_tiny_model_and_processor
+from .trainer import BCLSTrainer
+from .training_args import BCLSTrainingArguments
+
+__all__ = [
+    "BCLSDataCollator",
+    "BCLSTrainer",
+    "BCLSTrainingArguments",
+    "EncodedSplit",
+    "ImageCaptionIndex",
+    "PrecomputedRelevance",
+    "RelevanceLabels",
+    "SentenceEmbeddingRelevance",
+    "TfidfRelevance",
+    "build_relevance_labels",
+    "build_tiny_model_and_processor",
+    "default_synthetic_dir",
+    "encode_split",
+    "evaluate_retrieval",
+    "load_hf_dataset",
+    "load_imagefolder",
+    "load_karpathy",
+    "load_pairs",
+    "make_synthetic_dataset",
+    "retrieval_metrics",
+    "densify_ids",
+    "split_metrics",
+    "validate_images",
+    "without_image_decoding",
+]

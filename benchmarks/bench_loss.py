@@ -1,0 +1,192 @@
+"""Cost of the BCLS losses against VSE++'s hardest-negative triplet loss (forward + backward).
+
+For each batch size B it times, in this one process, one training step of the loss head:
+``sim = img @ txt.T`` (random L2-normalised float32 embeddings of dim 256) followed by the loss of both directions and
+``backward()``. Cases:
+
+* VSE++ triplet          ``bcls_loss(objective="vse")``
+* Triplet-SN             ``bcls_loss(objective="triplet_sn")``
+* Kendall SW-HS          window 8, gap 0.05, hinge, hard mining, both directions, *including* the label-side sorts
+* BCLS total             ``relevance_sort_order`` of both directions (label side) + ``bcls_loss`` with defaults
+* All-pairs Kendall      ``window_size=None, hard_mining=False`` (O(B^3); only B <= 512)
+
+Time is the median over repeats, cases interleaved round-robin so that load from other processes hits all cases alike.
+With ``--threads 1`` it is the CPU time of the (only) working thread (``time.thread_time``), which stays meaningful
+on a machine shared with other jobs; otherwise it is wall-clock time with torch's default thread count.
+Peak memory is measured in a fresh subprocess per case: the increase of the resident set (``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``, minus ``VmRSS`` before) over one step, with glibc told to ``mmap`` every allocation
+of 4 KiB or more (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set at once. It counts
+``sim``, its gradient and every intermediate of the step, not the inputs.
+
+    python benchmarks/bench_loss.py [--sizes 128 512 2048 4096] [--threads 1] [--no-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modeling_bcls.loss_kendall import kendall_ranking_loss  # noqa: E402
+from modeling_bcls.losses import bcls_loss, relevance_sort_order  # noqa: E402
+
+
+DIM = 256
+ALL_PAIRS_MAX_B = 512
+NUM_IMAGES = 6000  # pairs are drawn from a Flickr8k-sized pool: a few images repeat in large batches
+REPEATS = {128: 30, 512: 15, 2048: 5, 4096: 3}
+KENDALL = dict(window_size=8, label_gap=0.05, surrogate="hinge", hard_mining=True)
+CASES = ["VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "All-pairs Kendall"]
+
+
+def make_inputs(batch_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(batch_size, DIM, generator=generator), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(batch_size, DIM, generator=generator), dim=-1).requires_grad_()
+    image_ids = torch.randint(0, NUM_IMAGES, (batch_size,), generator=generator)
+    positive_mask = image_ids[:, None] == image_ids[None, :]
+    relevance = torch.rand(batch_size, batch_size, generator=generator)
+    relevance[positive_mask] = 1.0
+    return img, txt, positive_mask, relevance
+
+
+def kendall_both_directions(sim, relevance):
+    order_i2t, order_t2i = relevance_sort_order(relevance), relevance_sort_order(relevance.T)
+    i2t = kendall_ranking_loss(sim, relevance, sort_order=order_i2t, **KENDALL)
+    t2i = kendall_ranking_loss(sim.T, relevance.T, sort_order=order_t2i, **KENDALL)
+    return (i2t + t2i) / 2
+
+
+def all_pairs_both_directions(sim, relevance):
+    kwargs = dict(window_size=None, label_gap=0.05, hard_mining=False)
+    return (kendall_ranking_loss(sim, relevance, **kwargs) + kendall_ranking_loss(sim.T, relevance.T, **kwargs)) / 2
+
+
+def bcls_total(sim, mask, relevance):
+    order_i2t, order_t2i = relevance_sort_order(relevance), relevance_sort_order(relevance.T)  # label side
+    return bcls_loss(sim, mask, relevance, sort_order_i2t=order_i2t, sort_order_t2i=order_t2i)["loss"]
+
+
+def make_step(case: str, img, txt, mask, relevance):
+    losses = {
+        "VSE++ triplet": lambda sim: bcls_loss(sim, mask, objective="vse")["loss"],
+        "Triplet-SN": lambda sim: bcls_loss(sim, mask, objective="triplet_sn")["loss"],
+        "Kendall SW-HS": lambda sim: kendall_both_directions(sim, relevance),
+        "BCLS total": lambda sim: bcls_total(sim, mask, relevance),
+        "All-pairs Kendall": lambda sim: all_pairs_both_directions(sim, relevance),
+    }
+    loss_fn = losses[case]
+
+    def step():
+        img.grad = txt.grad = None
+        loss = loss_fn(img @ txt.T)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def cases_for(batch_size: int):
+    return [case for case in CASES if case != "All-pairs Kendall" or batch_size <= ALL_PAIRS_MAX_B]
+
+
+def time_cases(batch_size: int, repeats: int, clock=time.perf_counter):
+    inputs = make_inputs(batch_size)
+    steps = {case: make_step(case, *inputs) for case in cases_for(batch_size)}
+    times = {case: [] for case in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(repeats):
+        for case, step in steps.items():
+            start = clock()
+            step()
+            times[case].append(clock() - start)
+    return {case: statistics.median(values) for case, values in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(batch_size: int, case: str) -> None:
+    """Child process: prints the resident-set increase (MiB) over one step of ``case``."""
+    step = make_step(case, *make_inputs(batch_size))
+    step()  # first calls: lazy initialisations (NumPy, thread pools) are not the step's memory
+    step()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current RSS
+    step()
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def measure_memory(batch_size: int, case: str, threads: int | None) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
+    thread_args = ["--threads", str(threads)] if threads else []
+    out = subprocess.run(
+        [sys.executable, __file__, *thread_args, "--memory-probe", str(batch_size), case],
+        env=env, check=True, capture_output=True, text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 4096])
+    parser.add_argument("--repeat-scale", type=float, default=1.0, help="multiplies the number of repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1: report per-thread CPU time)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("B", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(int(args.memory_probe[0]), args.memory_probe[1])
+        return
+
+    torch.manual_seed(0)
+    cpu_time = torch.get_num_threads() == 1
+    clock = time.thread_time if cpu_time else time.perf_counter
+    print(
+        f"# Loss cost, fwd+bwd of `sim = img @ txt.T` + loss (both directions), dim {DIM}, float32, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, load average at start "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"# time: median of interleaved repeats ({'CPU time of the single torch thread' if cpu_time else 'wall clock'}); "
+        "peak mem: resident-set increase over one step, fresh process per case"
+    )
+    print("# Kendall SW-HS and BCLS total include the label-side relevance_sort_order of both directions")
+    print()
+    print("| B | loss | time (ms) | × VSE++ | peak mem (MiB) | × VSE++ |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for batch_size in args.sizes:
+        repeats = max(1, round(REPEATS.get(batch_size, 3) * args.repeat_scale))
+        times = time_cases(batch_size, repeats, clock)
+        memory = {} if args.no_memory else {case: measure_memory(batch_size, case, args.threads) for case in times}
+        for case, seconds in times.items():
+            ratio = seconds / times["VSE++ triplet"]
+            mem = "– | –"
+            if memory:
+                base = memory["VSE++ triplet"]
+                mem = f"{memory[case]:.2f} | " + (f"{memory[case] / base:.2f}" if base >= 0.25 else "n/a (< 0.25 MiB)")
+            print(f"| {batch_size} | {case} | {seconds * 1e3:.1f} | {ratio:.2f} | {mem} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Fine-tune an image-text retriever with BCLS (Triplet-SN + Kendall SW-HS).
+
+    python examples/train.py --output_dir outputs/demo            # tiny towers on the embedded synthetic data
+    accelerate launch examples/train.py \\
+        --vision_model google/vit-base-patch16-224-in21k \\
+        --text_model sentence-transformers/all-MiniLM-L6-v2 \\
+        --data path/to/flickr30k --eval_split val \\
+        --relevance sentence --relevance_model sentence-transformers/all-MiniLM-L6-v2 \\
+        --per_device_train_batch_size 128 --num_train_epochs 10 --output_dir outputs/flickr30k
+    accelerate launch examples/train.py --clip_model openai/clip-vit-base-patch32 --data ... --output_dir ...
+
+Every `TrainingArguments` flag works (see `--help`), plus the model, data, relevance and loss flags below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+# `examples/evaluate.py` must not shadow the `evaluate` package: drop this folder from the import path, and add
+# the repository root so that the scripts also run from a source checkout.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
+from trainer_bcls import (  # noqa: E402
+    BCLSDataCollator,
+    BCLSTrainer,
+    BCLSTrainingArguments,
+    build_relevance_labels,
+    build_tiny_model_and_processor,
+    default_synthetic_dir,
+    load_pairs,
+)
+
+logger = logging.getLogger("bcls.train")
+
+# Training defaults for the tiny from-scratch towers (no model flag given); any flag given on the command line wins.
+TINY_TOWER_DEFAULTS = {
+    "learning_rate": 1e-3,
+    "num_train_epochs": 12.0,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 128,
+    "warmup_steps": 20,
+    "weight_decay": 0.01,
+    "logging_steps": 20,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved BCLS model to continue from."})
+    vision_model: str | None = field(default=None, metadata={"help": "Vision tower: path or Hub id."})
+    text_model: str | None = field(default=None, metadata={"help": "Text tower: path or Hub id."})
+    clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to convert (both towers)."})
+    projection_dim: int = field(default=256, metadata={"help": "Joint embedding size (new projections only)."})
+    text_pooling: str = field(default="auto", metadata={"help": "auto | pooler | mean | cls"})
+    vision_pooling: str = field(default="auto", metadata={"help": "auto | pooler | mean | cls"})
+    tiny_image_size: int = field(default=64, metadata={"help": "Image size of the tiny from-scratch towers."})
+    max_length: int = field(default=64, metadata={"help": "Maximum caption length in tokens."})
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Karpathy json/folder, imagefolder with metadata, saved dataset or Hub id; "
+                  "default: the embedded synthetic dataset."},
+    )
+    train_split: str = field(default="train")
+    eval_split: str | None = field(default="val", metadata={"help": "Split for evaluation (None: no eval)."})
+    image_column: str | None = field(default=None)
+    caption_column: str | None = field(default=None)
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip (count, log) bad rows instead of failing."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Truncate the training pairs."})
+    relevance: str = field(default="tfidf", metadata={"help": "Continuous labels: sentence | tfidf | precomputed | none"})
+    relevance_model: str | None = field(
+        default=None, metadata={"help": "Text encoder for --relevance sentence (e.g. all-MiniLM-L6-v2)."}
+    )
+    relevance_embeddings: str | None = field(default=None, metadata={"help": "File for --relevance precomputed."})
+    relevance_references: str = field(default="all", metadata={"help": "all | paired"})
+    relevance_cache_dir: str | None = field(default=None, metadata={"help": "Cache of caption embeddings."})
+
+
+@dataclass
+class LossArguments:
+    """Loss hyperparameters; unset ones keep the `BCLSConfig` defaults (or the loaded model's)."""
+
+    objective: str | None = field(default=None, metadata={"help": "bcls | triplet_sn | vse | infonce"})
+    margin: float | None = None
+    soft_negative_temperature: float | None = None
+    kendall_weight: float | None = None
+    kendall_window_size: int | None = None
+    kendall_label_gap: float | None = None
+    kendall_surrogate: str | None = None
+    kendall_temperature: float | None = None
+    kendall_hard_mining: bool | None = None
+    infonce_temperature: float | None = None
+
+    def overrides(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, train_pairs):
+    """The model and processor named by the flags (tiny from-scratch towers when none is named)."""
+    if model_args.model_name_or_path:
+        model = BCLSModel.from_pretrained(model_args.model_name_or_path)
+        processor = BCLSProcessor.from_pretrained(model_args.model_name_or_path)
+        for key, value in loss_overrides.items():
+            setattr(model.config, key, value)
+    elif model_args.clip_model:
+        model = BCLSModel.from_clip_pretrained(model_args.clip_model, **loss_overrides)
+        processor = BCLSProcessor.from_pretrained(model_args.clip_model)
+    elif model_args.vision_model or model_args.text_model:
+        if not (model_args.vision_model and model_args.text_model):
+            raise ValueError("--vision_model and --text_model go together (or use --clip_model).")
+        model = BCLSModel.from_vision_text_pretrained(
+            model_args.vision_model,
+            model_args.text_model,
+            projection_dim=model_args.projection_dim,
+            text_pooling=model_args.text_pooling,
+            vision_pooling=model_args.vision_pooling,
+            **loss_overrides,
+        )
+        processor = BCLSProcessor.from_vision_text_pretrained(model_args.vision_model, model_args.text_model)
+    else:
+        model, processor = build_tiny_model_and_processor(
+            train_pairs["caption"],
+            image_size=model_args.tiny_image_size,
+            projection_dim=min(model_args.projection_dim, 128),
+            max_length=model_args.max_length,
+            **loss_overrides,
+        )
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, LossArguments, BCLSTrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, loss_args, training_args = parser.parse_json_file(argv[0])
+    else:
+        model_flags = ("--model_name_or_path", "--clip_model", "--vision_model", "--text_model")
+        if not any(arg.split("=")[0] in model_flags for arg in argv):
+            # argparse keeps the last occurrence of a flag, so flags given by the user override these.
+            argv = [item for name, value in TINY_TOWER_DEFAULTS.items() for item in (f"--{name}", str(value))] + argv
+        model_args, data_args, loss_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    data = data_args.data or str(default_synthetic_dir())
+    train_pairs = load_pairs(
+        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+    )
+    if data_args.max_train_pairs is not None:
+        train_pairs = train_pairs.select(range(min(data_args.max_train_pairs, len(train_pairs))))
+    eval_pairs = None
+    if data_args.eval_split:
+        eval_pairs = load_pairs(
+            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+        )
+    logger.info("data %s: %d training pairs, %s eval pairs", data, len(train_pairs), eval_pairs and len(eval_pairs))
+
+    model, processor = build_model_and_processor(model_args, loss_args.overrides(), train_pairs)
+
+    relevance_kwargs = dict(
+        kind=data_args.relevance,
+        model_name_or_path=data_args.relevance_model,
+        embeddings_path=data_args.relevance_embeddings,
+        references=data_args.relevance_references,
+        cache_dir=data_args.relevance_cache_dir,
+    )
+    train_relevance = build_relevance_labels(train_pairs, **relevance_kwargs)
+    eval_relevance = None
+    if eval_pairs is not None and data_args.relevance != "precomputed":  # a precomputed file covers one split
+        eval_relevance = build_relevance_labels(eval_pairs, **relevance_kwargs)
+    if train_relevance is None and model.config.objective == "bcls":
+        logger.warning("--relevance none: the Kendall term is off, BCLS trains with Triplet-SN alone.")
+
+    collator = BCLSDataCollator(
+        processor, relevance=train_relevance, max_length=model_args.max_length, skip_invalid=data_args.skip_invalid
+    )
+    trainer = BCLSTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_pairs,
+        eval_dataset=eval_pairs,
+        data_collator=collator,
+        processing_class=processor,
+        eval_relevance=eval_relevance,
+        data_description=f"{Path(data).name if Path(data).exists() else data} ({data_args.train_split} split, "
+        f"{len(train_pairs)} pairs); relevance labels: {data_args.relevance}",
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(train_result.metrics)
+    if eval_pairs is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    if trainer.is_world_process_zero():
+        print(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval_")}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

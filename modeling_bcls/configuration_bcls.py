@@ -1,0 +1,142 @@
+# Licensed under the Apache License, Version 2.0.
+"""BCLS model configuration.
+
+BCLS (Binary and Continuous Label Supervision) is an image-text retrieval dual encoder: any AutoModel vision tower and
+any encoder-only AutoModel text tower, each followed by a bias-free linear projection to `projection_dim`, scored by
+cosine similarity. The loss hyperparameters live in the config so that a saved model knows how it was trained.
+
+This file is copied next to saved checkpoints (remote code): it imports only transformers / huggingface_hub / stdlib.
+"""
+
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+PoolingMode = Literal["auto", "pooler", "mean", "cls"]
+
+# Keyword arguments of `losses.bcls_loss` that the config owns (the per-batch tensors are not config).
+LOSS_KWARG_NAMES = (
+    "objective",
+    "margin",
+    "soft_negative_temperature",
+    "kendall_weight",
+    "kendall_window_size",
+    "kendall_label_gap",
+    "kendall_surrogate",
+    "kendall_temperature",
+    "kendall_hard_mining",
+    "infonce_temperature",
+)
+
+
+@strict
+class BCLSConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`BCLSModel`].
+
+    Args:
+        vision_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the vision tower; any `AutoConfig` model type (default: a ViT config).
+        text_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the text tower; any encoder-only `AutoConfig` model type (default: a BERT config).
+        projection_dim (`int`, *optional*, defaults to 256):
+            Width D of the shared embedding space; both projections are `nn.Linear(hidden, D, bias=False)`.
+        text_pooling (`str`, *optional*, defaults to `"auto"`):
+            How a caption becomes one vector before projection. `"pooler"`: the tower's `pooler_output` (CLIP text:
+            the EOS token; BERT: tanh(W h_[CLS])). `"mean"`: mean of `last_hidden_state` over the attention mask,
+            h = sum_t m_t h_t / max(sum_t m_t, 1e-9) (what sentence-transformers models such as all-MiniLM-L6-v2 are
+            trained with). `"cls"`: `last_hidden_state[:, 0]`. `"auto"`: the pooler output when the tower returns
+            one, else `"mean"`.
+        vision_pooling (`str`, *optional*, defaults to `"auto"`):
+            Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
+            feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
+        objective (`str`, *optional*, defaults to `"bcls"`):
+            `"bcls"` (Triplet-SN + Kendall), `"triplet_sn"`, `"vse"` (VSE++ hardest-negative triplet) or `"infonce"`.
+        margin (`float`, *optional*, defaults to 0.2):
+            Triplet margin alpha.
+        soft_negative_temperature (`float`, *optional*, defaults to 0.05):
+            Temperature of the soft-negative weighting of Triplet-SN.
+        kendall_weight (`float`, *optional*, defaults to 1.0):
+            lambda in L = L_triplet + lambda * L_kendall.
+        kendall_window_size (`int`, *optional*, defaults to 8):
+            Sliding window of the Kendall ranking loss over relevance-sorted candidates (`None` = all pairs).
+        kendall_label_gap (`float`, *optional*, defaults to 0.05):
+            Pairs whose relevance differs by less than this are not ranked.
+        kendall_surrogate (`str`, *optional*, defaults to `"hinge"`):
+            `"hinge"` or `"logistic"` surrogate of the pairwise discordance indicator.
+        kendall_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the logistic surrogate / hard-sample weighting.
+        kendall_hard_mining (`bool`, *optional*, defaults to `True`):
+            Weight discordant pairs by hardness (SW-HS).
+        infonce_temperature (`float`, *optional*, defaults to 0.05):
+            Temperature of the InfoNCE baseline.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_bcls import BCLSConfig, BCLSModel
+
+    >>> config = BCLSConfig.from_vision_text_configs(ViTConfig(), BertConfig(), text_pooling="mean")
+    >>> model = BCLSModel(config)
+    ```"""
+
+    model_type = "bcls"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    projection_dim: int = 256
+    text_pooling: PoolingMode = "auto"
+    vision_pooling: PoolingMode = "auto"
+
+    # Loss hyperparameters (see `losses.bcls_loss`).
+    objective: Literal["bcls", "triplet_sn", "vse", "infonce"] = "bcls"
+    margin: float | int = 0.2
+    soft_negative_temperature: float | int = 0.05
+    kendall_weight: float | int = 1.0
+    kendall_window_size: int | None = 8
+    kendall_label_gap: float | int = 0.05
+    kendall_surrogate: Literal["hinge", "logistic"] = "hinge"
+    kendall_temperature: float | int = 0.1
+    kendall_hard_mining: bool = True
+    infonce_temperature: float | int = 0.05
+
+    def validate_bcls_hyperparameters(self):
+        """Range checks (run by `@strict` after `__init__`); types and choices are checked per field."""
+        if self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
+        for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("margin", "kendall_weight", "kendall_label_gap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kendall_window_size is not None and self.kendall_window_size < 1:
+            raise ValueError(
+                f"kendall_window_size must be None (unbounded) or >= 1, "
+                f"got {self.kendall_window_size}"
+            )
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `losses.bcls_loss` that come from the config (all of them but the tensors)."""
+        return {name: getattr(self, name) for name in LOSS_KWARG_NAMES}
+
+    @classmethod
+    def from_vision_text_configs(
+        cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs
+    ) -> "BCLSConfig":
+        r"""
+        Instantiate a [`BCLSConfig`] from a vision tower config and a text tower config (copied, not shared);
+        `kwargs` set the other fields (`projection_dim`, pooling, loss hyperparameters).
+        """
+        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
+
+
+__all__ = ["BCLSConfig"]

@@ -1,0 +1,140 @@
+"""Pair-view rows → a BCLS training batch with binary and continuous labels.
+
+``BCLSDataCollator(processor, relevance)(rows)`` returns::
+
+    pixel_values         float32 [B, 3, H, W]
+    input_ids, attention_mask (+ token_type_ids if the tokenizer makes them)   [B, L]
+    image_ids            int64 [B]       positives: image_ids[a] == image_ids[b]
+    caption_ids          int64 [B]
+    relevance            float32 [B, B]  R[a, b] = relevance(image of pair a, caption of pair b)   (with labels)
+    relevance_order_i2t  int64 [B, B]    relevance_sort_order(R)     (the SW-HS sort order, precomputed here)
+    relevance_order_t2i  int64 [B, B]    relevance_sort_order(R.T)
+    return_loss          True
+
+Relevance comes from :class:`~trainer_bcls.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
+small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes.
+Give the Trainer ``remove_unused_columns=False`` so that rows keep ``image``/``caption``/``image_id``/``caption_id``.
+
+Bad rows: a missing/corrupt image or an empty/non-string caption raises :class:`InvalidDataError` naming the file and
+row; with ``skip_invalid=True`` the row is dropped from the batch (counted in ``num_skipped``, per process, and
+logged) and the labels are built for the remaining rows only. For corrupt images to reach the collator, the image
+column must not be decoded by ``datasets`` first: pass ``trainer_bcls.data.without_image_decoding(pairs)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .data_errors import InvalidDataError
+from .image_loading import ImageLoadError, load_image
+from .relevance import RelevanceLabels
+
+logger = logging.getLogger(__name__)
+
+ROW_KEYS = ("image", "caption", "image_id", "caption_id")
+
+
+def relevance_sort_order(relevance: torch.Tensor) -> torch.Tensor:
+    """Column indices of each row sorted by relevance, descending, stable on ties (``modeling_bcls.losses``)."""
+    from modeling_bcls.losses import relevance_sort_order as sort_order
+
+    return sort_order(relevance)
+
+
+class BCLSDataCollator:
+    """Collate pair-view rows into model inputs + labels (see the module docstring for the output).
+
+    Args:
+        processor: a ``BCLSProcessor`` (or anything called as ``processor(images=, text=, padding=, truncation=,
+            max_length=, return_tensors="pt")`` returning ``pixel_values``, ``input_ids``, ``attention_mask``).
+        relevance: the training split's :class:`RelevanceLabels`; ``None`` gives a batch without relevance keys.
+        max_length: caption truncation length in tokens (``None``: no truncation).
+        skip_invalid: drop bad rows (counted, logged) instead of raising.
+        image_transform: a picklable ``PIL.Image -> PIL.Image`` callable applied before the processor, e.g.
+            :class:`~trainer_bcls.augmentation.RandomResizedCropFlip` (off by default).
+    """
+
+    def __init__(
+        self,
+        processor,
+        relevance: RelevanceLabels | None = None,
+        max_length: int | None = 64,
+        skip_invalid: bool = False,
+        image_transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+    ):
+        self.processor = processor
+        self.relevance = relevance
+        self.max_length = max_length
+        self.skip_invalid = skip_invalid
+        self.image_transform = image_transform
+        self.num_skipped = 0
+
+    def _skip(self, error: InvalidDataError) -> None:
+        if not self.skip_invalid:
+            raise error
+        self.num_skipped += 1
+        logger.warning("skipping a bad row (%d skipped so far in this process): %s", self.num_skipped, error)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        images, captions, image_ids, caption_ids = [], [], [], []
+        for k, row in enumerate(rows):
+            missing = [key for key in ROW_KEYS if key not in row]
+            if missing:
+                raise KeyError(
+                    f"batch row {k} has no {missing} (keys: {sorted(row)}); pass pair-view rows "
+                    "(trainer_bcls.data.load_pairs) and set remove_unused_columns=False in the training arguments"
+                )
+            where = f"batch row {k}: image_id {row['image_id']}, caption_id {row['caption_id']}"
+            if row.get("filename"):
+                where += f", file {row['filename']}"
+            caption = row["caption"]
+            if not isinstance(caption, str) or not caption.strip():
+                self._skip(InvalidDataError(f"{where}: caption must be a non-empty string, got {caption!r:.80}"))
+                continue
+            try:
+                image = load_image(row["image"], where=where)
+            except ImageLoadError as err:
+                self._skip(err)
+                continue
+            if self.image_transform is not None:
+                image = self.image_transform(image)
+            images.append(image)
+            captions.append(caption)
+            image_ids.append(int(row["image_id"]))
+            caption_ids.append(int(row["caption_id"]))
+        if not images:
+            raise InvalidDataError(f"every row of a batch of {len(rows)} was invalid (see the warnings above)")
+
+        inputs = self.processor(
+            images=images,
+            text=captions,
+            padding=True,
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch: dict[str, Any] = {key: value for key, value in inputs.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
+        batch["image_ids"] = torch.tensor(image_ids, dtype=torch.int64)
+        batch["caption_ids"] = torch.tensor(caption_ids, dtype=torch.int64)
+        if self.relevance is not None:
+            relevance = self.relevance.batch_matrix(np.asarray(image_ids), np.asarray(caption_ids))
+            batch["relevance"] = relevance
+            batch["relevance_order_i2t"] = relevance_sort_order(relevance)
+            batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
+        batch["return_loss"] = True
+        return batch
+
+    def __repr__(self) -> str:
+        return (
+            f"BCLSDataCollator(relevance={self.relevance!r}, max_length={self.max_length}, "
+            f"skip_invalid={self.skip_invalid}, image_transform={self.image_transform!r})"
+        )
+
+
+__all__ = ["BCLSDataCollator", "relevance_sort_order"]

@@ -1,0 +1,649 @@
+"""Image-caption datasets on disk or on the Hub → ``datasets.Dataset`` pair views.
+
+Pair view (one row per caption, the training view)::
+
+    image       datasets.Image()  lazy: the row stores a path (or bytes); decoded on access
+    caption     string
+    image_id    int64, dense 0..N_images-1 within the split, in source order
+    caption_id  int64, dense 0..N_captions-1 within the split, grouped by image
+    filename    string, the image file (for reports)
+
+The image → captions view is :class:`ImageCaptionIndex` (``ImageCaptionIndex.from_pairs(pairs)``).
+
+Loaders: :func:`load_karpathy` (``dataset_*.json`` + image folder, as used for Flickr8k/Flickr30k/COCO retrieval),
+:func:`load_imagefolder` (``metadata.jsonl``/``metadata.csv``), :func:`load_hf_dataset` (Hub id, ``save_to_disk``
+folder or a ``Dataset``), and the dispatcher :func:`load_pairs`.
+
+Bad input (missing image file, corrupt image, empty or non-string caption, image without captions, unknown column,
+duplicate ids) raises :class:`InvalidDataError` / ``ValueError`` naming the file, row or column; with
+``skip_invalid=True`` the bad item is skipped, counted and logged instead. Captions and file existence are checked
+at load time. Decodability is checked at load time when ``check_images`` is True; the default (``None``) checks
+splits of at most ``AUTO_CHECK_MAX_IMAGES`` images (about 1 s per 5k small JPEGs) and leaves bigger ones to
+:func:`validate_images` or to the collator, which reports (or skips) a corrupt image when it meets one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
+
+from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy
+from .data_errors import InvalidDataError, SkipReport
+from .image_loading import describe_image, find_unreadable_images
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AUTO_CHECK_MAX_IMAGES",
+    "PAIR_FEATURES",
+    "ImageCaptionIndex",
+    "InvalidDataError",
+    "densify_ids",
+    "load_hf_dataset",
+    "load_imagefolder",
+    "load_karpathy",
+    "load_pairs",
+    "validate_images",
+    "without_image_decoding",
+]
+
+AUTO_CHECK_MAX_IMAGES = 50_000
+PAIR_FEATURES = Features(
+    {
+        "image": Image(),
+        "caption": Value("string"),
+        "image_id": Value("int64"),
+        "caption_id": Value("int64"),
+        "filename": Value("string"),
+    }
+)
+SPLIT_ALIASES = {"validation": ("val", "dev", "valid"), "val": ("validation", "dev", "valid"), "dev": ("val", "validation")}
+CAPTION_COLUMN_CANDIDATES = ("caption", "captions", "text", "sentences")
+
+
+@dataclass
+class _ImageEntry:
+    """One source image before validation: its captions, where it comes from, and how to get its pixels."""
+
+    filename: str
+    captions: list[Any]
+    where: str  # names the file/row for error messages
+    value: Any  # the image value: an absolute path, or a row index into the source dataset
+    path: str | None = None  # local file to check for existence
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation and pair-view construction shared by all loaders
+
+
+def _validate_entries(
+    entries: list[_ImageEntry],
+    report: SkipReport,
+    skip_invalid: bool,
+    check_images: bool | None,
+    image_value=lambda e: e.value,
+) -> list[tuple[_ImageEntry, list[str]]]:
+    """Check captions and image files; return the kept entries with their cleaned captions."""
+    kept: list[tuple[_ImageEntry, list[str]]] = []
+    for entry in entries:
+        captions: list[str] = []
+        for k, caption in enumerate(entry.captions):
+            if not isinstance(caption, str):
+                report.handle(
+                    skip_invalid,
+                    "non-string caption",
+                    f"{entry.where}: caption {k} is {type(caption).__name__} {caption!r:.80}, expected a non-empty string",
+                    f"{entry.where} caption {k}",
+                )
+            elif not caption.strip():
+                report.handle(skip_invalid, "empty caption", f"{entry.where}: caption {k} is empty", f"{entry.where} caption {k}")
+            else:
+                captions.append(caption.strip())
+        if not captions:
+            why = "no valid caption left" if entry.captions else "no caption"
+            report.handle(skip_invalid, "image with no caption", f"{entry.where}: image {entry.filename!r} has {why}", entry.where)
+            continue
+        if entry.path is not None and not os.path.isfile(entry.path):
+            report.handle(skip_invalid, "missing image file", f"{entry.where}: image file not found: {entry.path}", entry.path)
+            continue
+        kept.append((entry, captions))
+
+    if check_images is None:
+        check_images = len(kept) <= AUTO_CHECK_MAX_IMAGES
+        if not check_images:
+            logger.info(
+                "%d images: skipping the up-front decodability check (check_images=True forces it); corrupt images "
+                "will be reported by the collator",
+                len(kept),
+            )
+    if check_images and kept:
+        bad = find_unreadable_images([image_value(e) for e, _ in kept])
+        for i, error in bad.items():
+            entry = kept[i][0]
+            report.handle(
+                skip_invalid,
+                "unreadable image",
+                f"{entry.where}: cannot read image {entry.path or entry.filename}: {error}",
+                entry.path or entry.where,
+            )
+        kept = [item for i, item in enumerate(kept) if i not in bad]
+    if not kept:
+        raise InvalidDataError("no valid image-caption pair left" + (f" (skipped: {report.as_dict()})" if report.total else ""))
+    return kept
+
+
+def _pair_columns(kept: list[tuple[_ImageEntry, list[str]]]) -> dict[str, list]:
+    columns: dict[str, list] = {"caption": [], "image_id": [], "caption_id": [], "filename": []}
+    for image_id, (entry, captions) in enumerate(kept):
+        for caption in captions:
+            columns["caption"].append(caption)
+            columns["image_id"].append(image_id)
+            columns["caption_id"].append(len(columns["caption_id"]))
+            columns["filename"].append(entry.filename)
+    return columns
+
+
+def _pairs_from_paths(kept: list[tuple[_ImageEntry, list[str]]]) -> Dataset:
+    columns = _pair_columns(kept)
+    columns["image"] = [entry.value for entry, captions in kept for _ in captions]
+    return Dataset.from_dict({name: columns[name] for name in PAIR_FEATURES}, features=PAIR_FEATURES)
+
+
+def _pairs_from_source(kept: list[tuple[_ImageEntry, list[str]]], source: Dataset, image_column: str) -> Dataset:
+    """Pair view whose image column is copied (undecoded) from rows of ``source``."""
+    columns = _pair_columns(kept)
+    rows = [entry.value for entry, captions in kept for _ in captions]
+    images = _undecoded(source.select_columns([image_column]), image_column).select(rows).flatten_indices()
+    if image_column != "image":
+        images = images.rename_column(image_column, "image")
+    for name in ("caption", "image_id", "caption_id", "filename"):
+        images = images.add_column(name, columns[name], feature=PAIR_FEATURES[name])
+    return images.cast_column("image", Image())
+
+
+def _undecoded(ds: Dataset, column: str) -> Dataset:
+    feature = ds.features[column]
+    if isinstance(feature, Image) and not feature.decode:
+        return ds
+    if not isinstance(feature, Image) and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(f"image column {column!r} has feature {feature}; expected datasets.Image() or file paths (string)")
+    return ds.cast_column(column, Image(decode=False))
+
+
+def _finish(kept, report: SkipReport, what: str, build) -> Dataset:
+    report.log(logger, what)
+    pairs = build(kept)
+    logger.info("%s: %d images, %d captions", what, len(kept), len(pairs))
+    return pairs
+
+
+def _resolve_splits(split: str | Sequence[str], available: set[str], where: str) -> set[str]:
+    wanted = [split] if isinstance(split, str) else list(split)
+    resolved = set()
+    for s in wanted:
+        match = s if s in available else next((a for a in SPLIT_ALIASES.get(s, ()) if a in available), None)
+        if match is None:
+            raise ValueError(f"split {s!r} not found in {where}; available splits: {sorted(map(str, available))}")
+        resolved.add(match)
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Karpathy layout
+
+
+def _karpathy_files(folder: Path) -> list[Path]:
+    """``dataset_*.json`` files of a folder, except ``save_to_disk``'s ``dataset_dict.json``/``dataset_info.json``."""
+    return sorted(p for p in folder.glob("dataset_*.json") if p.name not in ("dataset_dict.json", "dataset_info.json"))
+
+
+def _find_karpathy_json(path: Path) -> Path:
+    if path.is_file():
+        return path
+    found = _karpathy_files(path)
+    if not found:
+        raise FileNotFoundError(f"no dataset_*.json (Karpathy layout) in {path}")
+    if len(found) > 1:
+        raise ValueError(f"several Karpathy files in {path}: {[f.name for f in found]}; pass the json file itself")
+    return found[0]
+
+
+def load_karpathy(
+    path: str | os.PathLike,
+    split: str | Sequence[str] = "train",
+    *,
+    image_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    check_images: bool | None = None,
+) -> Dataset:
+    """Pair view of a Karpathy-layout split.
+
+    Args:
+        path: a ``dataset_*.json`` file or the folder holding exactly one.
+        split: ``"train"``, ``"val"``, ``"test"``, ``"restval"`` (COCO) or a list of them (e.g. ``["train", "restval"]``);
+            ``"validation"``/``"dev"`` fall back to ``"val"``.
+        image_root: folder of the images; default ``<json folder>/images`` if it exists, else the json folder.
+            An entry's image is ``image_root / entry.get("filepath", "") / entry["filename"]`` (COCO has ``filepath``).
+        skip_invalid: skip (count, log) bad entries instead of raising :class:`InvalidDataError`.
+        check_images: decode every image up front (``None``: only for splits of ≤ ``AUTO_CHECK_MAX_IMAGES`` images).
+    """
+    json_path = _find_karpathy_json(Path(path))
+    with open(json_path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise InvalidDataError(f"{json_path}: not valid JSON: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InvalidDataError(f"{json_path}: expected a Karpathy file {{'images': [...]}}")
+    if image_root is None:
+        image_root = json_path.parent / "images" if (json_path.parent / "images").is_dir() else json_path.parent
+    root = Path(image_root)
+    available = {e.get("split") for e in data["images"] if isinstance(e, dict)}
+    splits = _resolve_splits(split, available, str(json_path))
+
+    report = SkipReport()
+    entries: list[_ImageEntry] = []
+    seen_files: dict[str, int] = {}
+    seen_imgids: dict[Any, int] = {}
+    seen_sentids: dict[Any, int] = {}
+    for idx, e in enumerate(data["images"]):
+        if not isinstance(e, dict) or e.get("split") not in splits:
+            continue
+        filename = e.get("filename")
+        where = f"{json_path.name} images[{idx}]"
+        if not isinstance(filename, str) or not filename:
+            report.handle(skip_invalid, "entry without filename", f"{where}: missing or invalid 'filename'", where)
+            continue
+        rel = os.path.join(e.get("filepath") or "", filename)
+        where = f"{where} ({rel})"
+        if rel in seen_files:
+            report.handle(
+                skip_invalid, "duplicate image", f"{where}: duplicate filename {rel!r} (also images[{seen_files[rel]}])", where
+            )
+            continue
+        if "imgid" in e and e["imgid"] in seen_imgids:
+            report.handle(
+                skip_invalid, "duplicate image", f"{where}: duplicate imgid {e['imgid']} (also images[{seen_imgids[e['imgid']]}])", where
+            )
+            continue
+        sentences = e.get("sentences") or []
+        if not isinstance(sentences, list):
+            report.handle(skip_invalid, "malformed entry", f"{where}: 'sentences' must be a list", where)
+            continue
+        captions = []
+        for k, s in enumerate(sentences):
+            sid = s.get("sentid") if isinstance(s, dict) else None
+            if sid is not None and sid in seen_sentids:
+                report.handle(
+                    skip_invalid,
+                    "duplicate caption id",
+                    f"{where}: duplicate sentid {sid} in sentences[{k}] (also in images[{seen_sentids[sid]}])",
+                    f"{where} sentences[{k}]",
+                )
+                continue
+            if sid is not None:
+                seen_sentids[sid] = idx
+            captions.append(s.get("raw") if isinstance(s, dict) else s)
+        seen_files[rel] = idx
+        if "imgid" in e:
+            seen_imgids[e["imgid"]] = idx
+        path_str = str(root / rel)
+        entries.append(_ImageEntry(filename=rel, captions=captions, where=where, value=path_str, path=path_str))
+    kept = _validate_entries(entries, report, skip_invalid, check_images)
+    return _finish(kept, report, f"load_karpathy({json_path.name}, {sorted(splits)})", _pairs_from_paths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# imagefolder with metadata.jsonl / metadata.csv
+
+
+def _metadata_file(folder: Path) -> Path | None:
+    found = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"both metadata.jsonl and metadata.csv in {folder}; keep one")
+    return found[0] if found else None
+
+
+def _read_metadata(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a metadata.jsonl / metadata.csv file."""
+    rows = []
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InvalidDataError(f"{path} line {line_no}: invalid JSON: {err}") from err
+                if not isinstance(row, dict):
+                    raise InvalidDataError(f"{path} line {line_no}: expected a JSON object")
+                rows.append((line_no, row))
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                rows.append((reader.line_num, row))
+    return rows
+
+
+def _as_caption_list(value: Any) -> list[Any]:
+    """A metadata caption cell → list of captions (a CSV cell holding a JSON list counts as a list)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("[") and value.rstrip().endswith("]"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        if isinstance(parsed, list):
+            return parsed
+    return [value]
+
+
+def _caption_columns(caption_column: str | Sequence[str] | None, available: list[str], where: str) -> list[str]:
+    if caption_column is None:
+        found = [c for c in CAPTION_COLUMN_CANDIDATES if c in available]
+        if not found:
+            raise ValueError(
+                f"no caption column in {where}: looked for {list(CAPTION_COLUMN_CANDIDATES)}; available columns: "
+                f"{available} (pass caption_column=...)"
+            )
+        return found[:1]
+    columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise ValueError(f"caption column(s) {missing} not found in {where}; available columns: {available}")
+    return columns
+
+
+def load_imagefolder(
+    path: str | os.PathLike,
+    split: str | None = None,
+    *,
+    caption_column: str | Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    check_images: bool | None = None,
+) -> Dataset:
+    """Pair view of an HF-imagefolder-style folder with ``metadata.jsonl`` or ``metadata.csv``.
+
+    Each metadata row has ``file_name`` (relative to the metadata file) and its captions: a ``caption`` string or a
+    ``captions`` list (in CSV, a JSON list such as ``["a dog", "a brown dog"]``); ``caption_column`` may name other
+    columns (a list of columns contributes one caption each). Each ``file_name`` must appear once.
+    Split lookup: ``<path>/<split>/metadata.*`` (``val``/``validation`` aliases), else ``<path>/metadata.*`` filtered by
+    its ``split`` column if it has one; a flat folder without a split column is the ``"train"`` split.
+    """
+    root = Path(path)
+    meta = None
+    if split is not None:
+        for name in (split, *SPLIT_ALIASES.get(split, ())):
+            if (root / name).is_dir() and (meta := _metadata_file(root / name)) is not None:
+                break
+    filter_split = False
+    if meta is None:
+        meta = _metadata_file(root)
+        if meta is None:
+            raise FileNotFoundError(f"no metadata.jsonl or metadata.csv in {root}" + (f" or {root / split}" if split else ""))
+        filter_split = split is not None
+    rows = _read_metadata(meta)
+    if not rows:
+        raise InvalidDataError(f"{meta} has no rows")
+    available = list(dict.fromkeys(k for _, row in rows for k in row))
+    if "file_name" not in available:
+        raise ValueError(f"{meta}: no 'file_name' column; available columns: {available}")
+    columns = _caption_columns(caption_column, available, str(meta))
+    if filter_split:
+        if "split" in available:
+            splits = _resolve_splits(split, {row.get("split") for _, row in rows}, str(meta))
+            rows = [(n, row) for n, row in rows if row.get("split") in splits]
+        elif split != "train":
+            raise ValueError(f"split {split!r} not found: {meta} has no 'split' column and there is no {root / split}")
+
+    report = SkipReport()
+    entries: list[_ImageEntry] = []
+    seen: dict[str, int] = {}
+    for line_no, row in rows:
+        where = f"{meta.name} line {line_no}"
+        file_name = row.get("file_name")
+        if not isinstance(file_name, str) or not file_name.strip():
+            report.handle(skip_invalid, "row without file_name", f"{where}: missing or empty 'file_name'", where)
+            continue
+        key = os.path.normpath(file_name)
+        where = f"{where} ({file_name})"
+        if key in seen:
+            report.handle(
+                skip_invalid,
+                "duplicate image",
+                f"{where}: duplicate file_name {file_name!r} (also line {seen[key]}); give each image one row "
+                "with a 'captions' list",
+                where,
+            )
+            continue
+        seen[key] = line_no
+        captions = [c for col in columns for c in _as_caption_list(row.get(col))]
+        path_str = str(meta.parent / file_name)
+        entries.append(_ImageEntry(filename=file_name, captions=captions, where=where, value=path_str, path=path_str))
+    kept = _validate_entries(entries, report, skip_invalid, check_images)
+    return _finish(kept, report, f"load_imagefolder({meta})", _pairs_from_paths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub / save_to_disk / in-memory datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_hf_dataset(
+    dataset: str | os.PathLike | Dataset | DatasetDict,
+    split: str = "train",
+    *,
+    image_column: str | None = None,
+    caption_column: str | Sequence[str] | None = None,
+    image_id_column: str | None = None,
+    skip_invalid: bool = False,
+    check_images: bool | None = None,
+    **load_kwargs,
+) -> Dataset:
+    """Pair view of an image-level dataset: a ``Dataset``/``DatasetDict``, a ``save_to_disk`` folder or a Hub id
+    (``datasets.load_dataset(name, split=split, **load_kwargs)``, online only).
+
+    Args:
+        image_column: a ``datasets.Image`` column or a column of file paths; default ``"image"`` or the first Image
+            column.
+        caption_column: one column (string or list of strings per row) or a list of string columns; default the first
+            of ``caption``, ``captions``, ``text``, ``sentences``.
+        image_id_column: rows sharing this column's value are one image (datasets with one row per caption);
+            without it every row is a distinct image.
+    An already built pair view (with ``image_id``/``caption_id``) is returned as is, after checking its ids.
+    """
+    name = dataset if isinstance(dataset, str) else None
+    if isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset)
+        if path.is_dir() and _is_saved_dataset(path):
+            dataset = load_from_disk(str(path))
+            name = str(path)
+        else:
+            dataset = load_dataset(str(dataset), split=split, **load_kwargs)
+    if isinstance(dataset, DatasetDict):
+        splits = _resolve_splits(split, set(dataset), name or "the DatasetDict")
+        dataset = dataset[splits.pop()]
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
+    where = name or "the dataset"
+    available = dataset.column_names
+    if "image_id" in available and "caption_id" in available:
+        check_pair_view(dataset)
+        ImageCaptionIndex.from_pairs(dataset)  # raises on duplicate / non-dense ids
+        return dataset
+
+    if image_column is None:
+        image_columns = [c for c, f in dataset.features.items() if isinstance(f, Image)]
+        image_column = "image" if "image" in available else (image_columns[0] if image_columns else None)
+        if image_column is None:
+            raise ValueError(f"no image column in {where}; available columns: {available} (pass image_column=...)")
+    elif image_column not in available:
+        raise ValueError(f"image column {image_column!r} not found in {where}; available columns: {available}")
+    columns = _caption_columns(caption_column, available, where)
+    if image_id_column is not None and image_id_column not in available:
+        raise ValueError(f"image_id column {image_id_column!r} not found in {where}; available columns: {available}")
+
+    undecoded = _undecoded(dataset.select_columns([image_column]), image_column)
+    image_table = undecoded.flatten().with_format("arrow")[:]
+    paths = image_table.column(f"{image_column}.path").to_pylist()
+    has_bytes = image_table.column(f"{image_column}.bytes").is_valid().to_numpy(zero_copy_only=False)
+    del image_table
+    caption_values = {c: dataset.select_columns([c]).with_format("arrow")[:].column(c).to_pylist() for c in columns}
+    group_keys = (
+        dataset.select_columns([image_id_column]).with_format("arrow")[:].column(image_id_column).to_pylist()
+        if image_id_column
+        else None
+    )
+
+    entries: list[_ImageEntry] = []
+    by_key: dict[Any, _ImageEntry] = {}
+    for row in range(len(dataset)):
+        captions = [c for col in columns for c in _as_caption_list(caption_values[col][row])]
+        if group_keys is not None and group_keys[row] in by_key:
+            by_key[group_keys[row]].captions.extend(captions)
+            continue
+        path = paths[row]
+        filename = os.path.basename(path) if path else f"row{row}"
+        # a path-only image on local disk: check that the file exists
+        local = path if path and not has_bytes[row] and os.path.isabs(path) else None
+        entry = _ImageEntry(filename=filename, captions=captions, where=f"{where} row {row}", value=row, path=local)
+        if group_keys is not None:
+            by_key[group_keys[row]] = entry
+        entries.append(entry)
+
+    report = SkipReport()
+    kept = _validate_entries(
+        entries, report, skip_invalid, check_images, image_value=lambda e: undecoded[int(e.value)][image_column]
+    )
+    return _finish(kept, report, f"load_hf_dataset({where})", lambda k: _pairs_from_source(k, dataset, image_column))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatcher and helpers
+
+
+def load_pairs(
+    data: str | os.PathLike | Dataset | DatasetDict,
+    split: str | Sequence[str] = "train",
+    image_column: str | None = None,
+    caption_column: str | Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    check_images: bool | None = None,
+    image_id_column: str | None = None,
+    **kwargs,
+) -> Dataset:
+    """Pair view of ``split`` of ``data``, dispatching on what ``data`` is:
+
+    - a ``Dataset``/``DatasetDict`` → :func:`load_hf_dataset`;
+    - a ``.json`` file, or a folder with ``dataset_*.json`` → :func:`load_karpathy` (``kwargs``: ``image_root``);
+    - a folder with ``metadata.jsonl``/``metadata.csv`` (or ``<split>/metadata.*``) → :func:`load_imagefolder`;
+    - a ``save_to_disk`` folder → :func:`load_hf_dataset`;
+    - another folder → ``datasets.load_dataset(folder, split=split, **kwargs)`` (parquet, csv, json, arrow files);
+    - any other string → ``datasets.load_dataset(data, split=split, **kwargs)`` on the Hub (needs network).
+
+    ``image_column``/``caption_column``/``image_id_column``: see :func:`load_hf_dataset` (``caption_column`` also
+    applies to imagefolder metadata).
+    """
+    common = dict(skip_invalid=skip_invalid, check_images=check_images)
+    hf = dict(image_column=image_column, caption_column=caption_column, image_id_column=image_id_column, **common)
+    if isinstance(data, (Dataset, DatasetDict)):
+        return load_hf_dataset(data, split, **hf)
+    path = Path(data).expanduser()
+    is_karpathy = (path.is_file() and path.suffix == ".json") or (path.is_dir() and bool(_karpathy_files(path)))
+    if is_karpathy:
+        if image_column is not None or caption_column is not None or image_id_column is not None:
+            raise ValueError(
+                "Karpathy-layout data has fixed columns (filename, sentences[].raw): drop image_column/caption_column/"
+                "image_id_column"
+            )
+        return load_karpathy(path, split, **common, **kwargs)
+    if path.is_file():
+        raise ValueError(f"unsupported data file {path}: expected a Karpathy dataset_*.json")
+    if path.is_dir():
+        split_names = (split, *SPLIT_ALIASES.get(split, ())) if isinstance(split, str) else ()
+        split_dirs = [path / name for name in split_names]
+        if _metadata_file(path) is not None or any(d.is_dir() and _metadata_file(d) for d in split_dirs):
+            if not isinstance(split, str):
+                raise ValueError("imagefolder data takes one split name")
+            if image_column not in (None, "file_name") or image_id_column is not None:
+                raise ValueError("imagefolder data has one row per image named in 'file_name': drop image_column/image_id_column")
+            return load_imagefolder(path, split, caption_column=caption_column, **common)
+        if _is_saved_dataset(path):
+            return load_hf_dataset(path, split, **hf)
+        if not isinstance(split, str):
+            raise ValueError("datasets.load_dataset folders take one split name")
+        try:  # a folder of data files (parquet, csv, json, arrow, ...) that datasets.load_dataset understands
+            dataset = load_dataset(str(path), split=split, **kwargs)
+        except Exception as err:
+            raise ValueError(
+                f"unrecognised data folder {path}: expected dataset_*.json (Karpathy), metadata.jsonl/metadata.csv "
+                f"(imagefolder), a datasets.save_to_disk folder or data files for datasets.load_dataset, which "
+                f"failed with {type(err).__name__}: {err}"
+            ) from err
+        return load_hf_dataset(dataset, split, **hf)
+    text = str(data)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise FileNotFoundError(f"data path not found: {text}")
+    if not isinstance(split, str):
+        raise ValueError("Hub datasets take one split name")
+    return load_hf_dataset(text, split, **hf, **kwargs)
+
+
+def densify_ids(pairs: Dataset) -> Dataset:
+    """Renumber ``image_id`` and ``caption_id`` to dense ranges (keeping their order), e.g. after ``filter``/``select``."""
+    check_pair_view(pairs)
+    cols = pair_columns_numpy(pairs, ["image_id", "caption_id"])
+    image_ids, caption_ids = (np.asarray(cols[k], dtype=np.int64) for k in ("image_id", "caption_id"))
+    new_image = np.searchsorted(np.unique(image_ids), image_ids)
+    new_caption = np.searchsorted(np.unique(caption_ids), caption_ids)
+    if len(np.unique(caption_ids)) != len(caption_ids):
+        ImageCaptionIndex.from_pairs(pairs)  # raises, naming the duplicate rows
+    out = pairs.flatten_indices() if pairs._indices is not None else pairs
+    out = out.remove_columns(["image_id", "caption_id"])
+    out = out.add_column("image_id", new_image.tolist(), feature=Value("int64"))
+    out = out.add_column("caption_id", new_caption.tolist(), feature=Value("int64"))
+    return out.select_columns([c for c in pairs.column_names])
+
+
+def validate_images(pairs: Dataset, skip_invalid: bool = False, num_threads: int | None = None) -> Dataset:
+    """Decode every image of a pair view once (progress bar); raise naming the file and row of the first corrupt
+    image, or with ``skip_invalid`` drop all rows of corrupt images, log the count and renumber the ids."""
+    check_pair_view(pairs)
+    index = ImageCaptionIndex.from_pairs(pairs)
+    undecoded = without_image_decoding(pairs)
+    rows = index.image_row.tolist()
+    bad = find_unreadable_images([undecoded[r]["image"] for r in rows], num_threads=num_threads)
+    if not bad:
+        return pairs
+    report = SkipReport()
+    for i in sorted(bad):
+        where = f"row {rows[i]} (image_id {i}, {index.filenames[i] or describe_image(undecoded[rows[i]]['image'])})"
+        report.handle(skip_invalid, "unreadable image", f"cannot read image at {where}: {bad[i]}", where)
+    report.log(logger, "validate_images")
+    image_ids = np.asarray(pair_columns_numpy(pairs, ["image_id"])["image_id"])
+    keep = np.flatnonzero(~np.isin(image_ids, np.asarray(sorted(bad))))
+    if len(keep) == 0:
+        raise InvalidDataError(f"no readable image left ({len(bad)} unreadable)")
+    return densify_ids(pairs.select(keep))
+
+
+def without_image_decoding(pairs: Dataset) -> Dataset:
+    """The pair view with ``image`` left undecoded (``{"path", "bytes"}``); give this to a DataLoader so that the
+    collator, not ``Dataset.__getitem__``, decodes images and can report or skip (``skip_invalid``) corrupt ones."""
+    return pairs.cast_column("image", Image(decode=False))

@@ -1,0 +1,94 @@
+"""The BCLS loss of the global batch: local queries × candidates gathered from every process.
+
+See `trainer_bcls.distributed` for why ``L_r = W · Σ_{r's terms} φ / N_global`` makes DDP's averaged gradient
+equal the single-process gradient on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import gather_no_grad, gather_with_grad, global_count, is_distributed, local_offset
+
+
+def global_relevance(
+    relevance_labels, image_ids: torch.Tensor, caption_ids: torch.Tensor, all_image_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's rows of the global relevance matrix (i2t) and of its transpose (t2i).
+
+    Each process's collator only built the B_local × B_local block; the cross-process blocks are rebuilt from
+    the gathered image and caption ids with the same [`RelevanceLabels`] the collator uses, so they are exact.
+    """
+    all_caption_ids = gather_no_grad(caption_ids)
+    full = torch.as_tensor(
+        relevance_labels.batch_matrix(all_image_ids.cpu().numpy(), all_caption_ids.cpu().numpy())
+    )
+    start = local_offset(caption_ids.shape[0], device=caption_ids.device)
+    rows = slice(start, start + caption_ids.shape[0])
+    return full[rows], full[:, rows].T
+
+
+def global_bcls_loss(
+    config,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    relevance_labels=None,
+) -> dict[str, torch.Tensor]:
+    """`bcls_loss` of local queries against the candidates of all processes, normalised by global counts.
+
+    Args:
+        config: the model's [`BCLSConfig`] (loss hyperparameters).
+        image_embeds, text_embeds: this process's normalised embeddings, rows = pairs.
+        labels: the collator's label tensors (`image_ids`, `caption_ids`, `relevance`, `relevance_order_*`).
+        relevance_labels: the collator's [`RelevanceLabels`], needed to rebuild relevance across processes.
+    """
+    from modeling_bcls.losses import bcls_loss
+
+    world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    image_ids = labels.get("image_ids")
+    if image_ids is None:
+        image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device) + local_offset(
+            image_embeds.shape[0], image_embeds.device
+        )
+    all_image_embeds = gather_with_grad(image_embeds)
+    all_text_embeds = gather_with_grad(text_embeds)
+    all_image_ids = gather_no_grad(image_ids)
+    positive_mask = image_ids[:, None] == all_image_ids[None, :]
+    sim_i2t = image_embeds.float() @ all_text_embeds.float().T
+    sim_t2i = text_embeds.float() @ all_image_embeds.float().T
+
+    relevance_i2t = relevance_t2i = order_i2t = order_t2i = None
+    if labels.get("relevance") is not None:
+        if world_size == 1:
+            relevance_i2t = labels["relevance"]
+            relevance_t2i = relevance_i2t.T
+            order_i2t = labels.get("relevance_order_i2t")
+            order_t2i = labels.get("relevance_order_t2i")
+        else:
+            if relevance_labels is None or labels.get("caption_ids") is None:
+                raise ValueError(
+                    "The global-batch BCLS loss needs the collator's relevance labels and `caption_ids` in the "
+                    "batch to rebuild the cross-process relevance: use BCLSDataCollator(processor, relevance=...)."
+                )
+            relevance_i2t, relevance_t2i = global_relevance(
+                relevance_labels, image_ids, labels["caption_ids"], all_image_ids
+            )
+        relevance_i2t = relevance_i2t.to(sim_i2t.device, torch.float32)
+        relevance_t2i = relevance_t2i.to(sim_t2i.device, torch.float32)
+
+    def count_reducer(count: torch.Tensor) -> torch.Tensor:
+        return (global_count(count) / world_size).to(count.dtype)
+
+    return bcls_loss(
+        sim_i2t,
+        positive_mask,
+        relevance_i2t,
+        sim_t2i=sim_t2i,
+        positive_mask_t2i=positive_mask,
+        relevance_t2i=relevance_t2i,
+        sort_order_i2t=order_i2t,
+        sort_order_t2i=order_t2i,
+        count_reducer=count_reducer,
+        **config.loss_kwargs(),
+    )

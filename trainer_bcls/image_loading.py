@@ -1,0 +1,118 @@
+"""Turn whatever a dataset row holds in its image column into an RGB ``PIL.Image`` (or a clear error).
+
+A row's image may be a decoded ``PIL.Image`` (``datasets.Image()``), the undecoded ``{"path", "bytes"}`` dict
+(``datasets.Image(decode=False)``), a path, raw bytes or an ``np.ndarray``. Decoding follows ``datasets.Image``
+(EXIF orientation applied) and always ends in RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+from .data_errors import InvalidDataError
+
+# What PIL raises on unreadable, truncated or corrupt files.
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+
+
+class ImageLoadError(InvalidDataError):
+    """An image file is missing, unreadable or corrupt; the message names the file and the row."""
+
+
+def image_path(value: Any) -> str | None:
+    """The file path behind an image value, if any."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return value.get("path")
+    return getattr(value, "filename", None) or None
+
+
+def describe_image(value: Any) -> str:
+    """Short human description of an image value for error messages."""
+    path = image_path(value)
+    if path:
+        return path
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return f"<{len(value['bytes'])} bytes in memory>"
+    return f"<{type(value).__name__}>"
+
+
+def _open(value: Any) -> PIL.Image.Image:
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return PIL.Image.fromarray(value)
+    if isinstance(value, (bytes, bytearray)):
+        return PIL.Image.open(io.BytesIO(value))
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return PIL.Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return PIL.Image.open(value["path"])
+        raise ValueError("image value has neither 'bytes' nor 'path'")
+    if isinstance(value, (str, os.PathLike)):
+        return PIL.Image.open(value)
+    raise TypeError(f"unsupported image value of type {type(value).__name__}")
+
+
+def load_image(value: Any, *, where: str = "") -> PIL.Image.Image:
+    """Decode ``value`` into an RGB image; raise :class:`ImageLoadError` naming the file and ``where`` (the row).
+
+    Decoding happens here (``Image.load()``), so truncated or corrupt files fail at this call, not later.
+    """
+    try:
+        image = _open(value)
+        image.load()
+        if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+            image = PIL.ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return image
+    except (*_PIL_ERRORS, TypeError) as err:
+        suffix = f" ({where})" if where else ""
+        raise ImageLoadError(f"cannot read image {describe_image(value)}{suffix}: {type(err).__name__}: {err}") from err
+
+
+def check_image(value: Any) -> str | None:
+    """Fully decode ``value`` (JPEGs in 1/8-scale draft mode, which still reads every byte) and return ``None``
+    if it is a valid image, else the error text. Never raises for bad files."""
+    try:
+        if isinstance(value, PIL.Image.Image):
+            return None
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path") and not os.path.isfile(value["path"]):
+            return "file not found"
+        if isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
+            return "file not found"
+        with _open(value) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        return None
+    except (*_PIL_ERRORS, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def find_unreadable_images(
+    values: list[Any], *, num_threads: int | None = None, desc: str = "Checking images"
+) -> dict[int, str]:
+    """Decode-check every image value (threads, progress bar); return ``{position: error}`` for the bad ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    if num_threads is None:
+        num_threads = min(8, os.cpu_count() or 1)
+    bad: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = pool.map(check_image, values)
+        for i, error in enumerate(tqdm(results, total=len(values), desc=desc, disable=len(values) < 1000)):
+            if error is not None:
+                bad[i] = error
+    return bad

@@ -1,0 +1,199 @@
+"""`BCLSTrainer`: the transformers `Trainer` for BCLS retrievers.
+
+What it adds to `Trainer`:
+
+- `compute_loss` takes the BCLS loss from the model (or, with several processes or gradient caching, computes it
+  on the global / cached batch) and tracks its parts, logged as `loss_triplet` and `loss_kendall` next to `loss`.
+- `evaluate()` runs full-gallery retrieval on the eval split (unique images embedded once, every caption) and
+  returns `eval_rsum`, `eval_i2t_r1`, ... (plus relevance-aware metrics when relevance labels are given), so that
+  `metric_for_best_model="rsum"`, `load_best_model_at_end` and early stopping work.
+- `create_model_card` renders the project's `model_card.md` template (metrics table, data, loss
+  hyperparameters, usage, citation, `model-index`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from .data import without_image_decoding
+from .distributed import is_distributed
+from .evaluation import evaluate_retrieval
+from .global_loss import global_bcls_loss
+from .gradcache import cached_embeddings
+from .training_args import BCLSTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i")
+MODEL_FEATURE_KEYS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class BCLSTrainer(Trainer):
+    """Trainer for [`BCLSModel`] on pair-view datasets with [`BCLSDataCollator`].
+
+    Args:
+        eval_relevance: relevance labels of the eval split ([`RelevanceLabels`]); when given, evaluation also
+            reports Kendall τ-b and nDCG@10 of the model's similarities against them.
+        data_description: a short description of the training data for the model card.
+        All other arguments are those of `transformers.Trainer`; `processing_class` should be the
+        [`BCLSProcessor`] (it is saved next to the model and used to embed the eval split).
+    """
+
+    def __init__(self, *args, eval_relevance=None, data_description: str | None = None, **kwargs):
+        train_dataset = kwargs.get("train_dataset")
+        if isinstance(train_dataset, Dataset) and "image" in train_dataset.column_names:
+            # Decode images in the collator, where a corrupt file is reported with its row (or skipped and
+            # counted with `skip_invalid`), instead of inside `Dataset.__getitem__`.
+            kwargs["train_dataset"] = without_image_decoding(train_dataset)
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, BCLSTrainingArguments):
+            raise TypeError("BCLSTrainer needs BCLSTrainingArguments (it adds embedding_chunk_size and friends).")
+        # The BCLS loss is a per-batch mean that ignores `num_items_in_batch`: let the Trainer divide by the
+        # gradient accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self.eval_relevance = eval_relevance
+        self.data_description = data_description
+        self._loss_parts: dict[str, torch.Tensor] = {}
+        self._loss_parts_count = 0
+
+    # ------------------------------------------------------------------ loss
+    @property
+    def relevance_labels(self):
+        """The training relevance labels (taken from the collator), used to rebuild global relevance."""
+        return getattr(self.data_collator, "relevance", None)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        distributed = is_distributed() and self.args.gather_across_processes
+        if self.args.embedding_chunk_size is None and not distributed:
+            outputs = model(**inputs)
+            if outputs.loss is None:
+                raise ValueError("The model returned no loss: the batch needs `return_loss=True`.")
+            parts = {"loss_triplet": outputs.loss_triplet, "loss_kendall": outputs.loss_kendall}
+            loss = outputs.loss
+        else:
+            loss, parts, outputs = self._compute_global_loss(model, inputs)
+        self._track_loss_parts(parts)
+        return (loss, outputs) if return_outputs else loss
+
+    def _compute_global_loss(self, model: nn.Module, inputs: dict[str, Any]):
+        """BCLS loss of the global (all processes) and/or cached (chunk-embedded) batch."""
+        labels = {key: inputs[key] for key in LABEL_KEYS if key in inputs}
+        features = {
+            key: inputs[key] for key in MODEL_FEATURE_KEYS if inputs.get(key) is not None
+        }
+        chunk_size = self.args.embedding_chunk_size
+        if chunk_size is not None and model.training and torch.is_grad_enabled():
+            unwrapped = self.accelerator.unwrap_model(model)
+            return cached_embeddings(
+                unwrapped,
+                features,
+                chunk_size=chunk_size,
+                loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, labels, self.relevance_labels),
+                sync_gradients=is_distributed(),
+            )
+        outputs = model(**features, return_loss=False)
+        config = self.accelerator.unwrap_model(model).config
+        loss_dict = global_bcls_loss(config, outputs.image_embeds, outputs.text_embeds, labels, self.relevance_labels)
+        parts = {"loss_triplet": loss_dict["triplet"], "loss_kendall": loss_dict["kendall"]}
+        return loss_dict["loss"], parts, outputs
+
+    def _track_loss_parts(self, parts: dict[str, torch.Tensor | None]) -> None:
+        for key, value in parts.items():
+            if value is None:
+                continue
+            value = value.detach().float()
+            self._loss_parts[key] = self._loss_parts.get(key, torch.zeros_like(value)) + value
+        self._loss_parts_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the running means of the loss parts (averaged over processes) to the training logs."""
+        if "loss" in logs and self._loss_parts_count > 0:
+            for key, total in self._loss_parts.items():
+                mean = total / self._loss_parts_count
+                logs[key] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 6)
+            self._loss_parts = {}
+            self._loss_parts_count = 0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        eval_dataset=None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Full-gallery image↔text retrieval on the eval split, instead of an eval loss."""
+        override = eval_dataset is not None
+        eval_dataset = eval_dataset if override else self.eval_dataset
+        if eval_dataset is None:
+            raise ValueError("BCLSTrainer.evaluate needs an eval_dataset (a pair-view dataset).")
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+
+        start = time.time()
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = evaluate_retrieval(
+            model,
+            eval_dataset,
+            self.processing_class,
+            relevance=self.eval_relevance,
+            batch_size=self.args.per_device_eval_batch_size,
+            chunk_size=self.args.eval_chunk_size,
+            max_length=getattr(self.data_collator, "max_length", None),
+            show_progress=self.is_world_process_zero() and not self.args.disable_tqdm,
+        )
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        if self.state.epoch is not None and not math.isnan(self.state.epoch):
+            metrics["epoch"] = self.state.epoch
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save` (safetensors weights, config, processor), with the training arguments as JSON.
+
+        `Trainer` pickles the arguments to `training_args.bin`; a published retriever carries no pickle, so they
+        are written to `training_args.json` instead. (Checkpoints still hold the Trainer's own optimizer, scheduler
+        and RNG state files, which only `--resume_from_checkpoint` reads.)
+        """
+        super()._save(output_dir, state_dict)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:
+            (output_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+
+    # ------------------------------------------------------------ model card
+    def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs) -> None:
+        """Writes `README.md` in the output dir, rendered from the project's `model_card.md` template."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        write_model_card(
+            self.args.output_dir,
+            model=self.accelerator.unwrap_model(self.model),
+            log_history=self.state.log_history,
+            model_name=model_name or self.args.hub_model_id,
+            dataset=dataset or self.data_description,
+        )

@@ -1,0 +1,49 @@
+"""`BCLSTrainingArguments`: `TrainingArguments` with the defaults and knobs BCLS training needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class BCLSTrainingArguments(TrainingArguments):
+    """`TrainingArguments` for [`BCLSTrainer`].
+
+    Defaults that differ from `TrainingArguments`:
+
+    - `remove_unused_columns=False`: the collator needs `image`, `caption`, `image_id` and `caption_id`.
+    - `metric_for_best_model="rsum"`, `greater_is_better=True`: evaluation is full-gallery retrieval, not a loss.
+
+    New arguments:
+
+    - `embedding_chunk_size`: gradient caching (GradCache). The batch is embedded in chunks of this many rows
+      without a graph, the loss is computed on all embeddings, and the gradient is then back-propagated chunk by
+      chunk, so the memory of a step is that of one chunk while the loss sees the whole batch.
+    - `gather_across_processes`: with several processes, local queries are scored against the candidates of
+      *all* processes (gathered with gradients), so the loss is the loss of the global batch.
+    - `eval_chunk_size`: query chunk of the chunked retrieval metrics (bounds evaluation memory).
+    """
+
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the pair-view columns for the BCLS collator (leave False)."}
+    )
+    metric_for_best_model: str | None = field(
+        default="rsum", metadata={"help": "Retrieval metric used to pick the best checkpoint (default rsum)."}
+    )
+    greater_is_better: bool | None = field(default=True, metadata={"help": "rsum is better when larger."})
+    embedding_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "GradCache: embed the batch in chunks of this size; None embeds it in one pass."},
+    )
+    gather_across_processes: bool = field(
+        default=True,
+        metadata={"help": "Score local queries against the candidates of all processes (global-batch loss)."},
+    )
+    eval_chunk_size: int = field(default=1024, metadata={"help": "Query chunk size of the retrieval metrics."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.embedding_chunk_size is not None and self.embedding_chunk_size < 1:
+            raise ValueError(f"embedding_chunk_size must be a positive integer, got {self.embedding_chunk_size}")
