@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, IntervalStrategy, set_seed
 
 # `examples/evaluate.py` must not shadow the `evaluate` package: drop this folder from the import path, and add
 # the repository root so that the scripts also run from a source checkout.
@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_pairs = load_pairs(
             data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
         )
+    if eval_pairs is None and training_args.eval_strategy != IntervalStrategy.NO:
+        logger.info("no eval split: evaluation during training is off")
+        training_args.eval_strategy = IntervalStrategy.NO
+        training_args.load_best_model_at_end = False
     logger.info("data %s: %d training pairs, %s eval pairs", data, len(train_pairs), eval_pairs and len(eval_pairs))
 
     model, processor = build_model_and_processor(model_args, loss_args.overrides(), train_pairs)

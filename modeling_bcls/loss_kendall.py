@@ -55,6 +55,7 @@ def _check_relevance(relevance: torch.Tensor, sim: Optional[torch.Tensor] = None
         raise ValueError(f"`{name}` must be a 2-D [num_queries, num_candidates] matrix, got shape {tuple(relevance.shape)}")
     if sim is not None and tuple(relevance.shape) != tuple(sim.shape):
         raise ValueError(f"`{name}` has shape {tuple(relevance.shape)} but the similarity matrix has shape {tuple(sim.shape)}")
+    relevance = relevance.detach()  # labels
     if not relevance.is_floating_point():
         relevance = relevance.float()
     _check_finite(relevance, name)

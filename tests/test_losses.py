@@ -212,6 +212,17 @@ def test_kendall_matches_reference(shape, tied):
         torch.testing.assert_close(got.item(), mean(ref), rtol=1e-5, atol=1e-6, msg=str(kwargs))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_kendall_wider_windows_match_reference(tied):
+    """Windows 2, 5, 8 (power-of-two and overlapping sliding maxima) on rows longer than the windows."""
+    sim, _, relevance = make_batch(6, 24, seed=53, tied_relevance=tied)
+    for window in (2, 5, 8):
+        for hard in (True, False):
+            ref = ref_kendall(sim, relevance, window, 0.05, "hinge", 0.1, hard)
+            got = kendall_ranking_loss(sim, relevance, window_size=window, label_gap=0.05, hard_mining=hard, reduction="none")
+            torch.testing.assert_close(got.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gap", [0.0, 0.05, 0.25])
 def test_kendall_all_pairs_limit(dtype, gap):

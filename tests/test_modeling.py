@@ -3,9 +3,6 @@
 import inspect
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -27,6 +24,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import modeling_bcls
 import modeling_bcls.modeling_bcls as modeling_module
+from blocked_import import run_without_package
 from modeling_bcls import BCLSConfig, BCLSModel, BCLSOutput, BCLSProcessor, bcls_loss
 
 
@@ -408,45 +406,28 @@ def test_processor_from_vision_text_pretrained(tmp_path, tiny_processor):
         BCLSProcessor.from_vision_text_pretrained(tmp_path / "vision", minilm_path(), model_max_length=16)
 
 
-BLOCKED_LOAD_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, sys
+REMOTE_LOAD_SCRIPT = """
+import torch
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    class BlockBCLS(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_bcls", "trainer_bcls"):
-                raise ImportError(f"blocked for this test: {name}")
-
-    sys.meta_path.insert(0, BlockBCLS())
-    try:
-        import modeling_bcls
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_bcls was importable")
-
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoProcessor
-
-    folder = sys.argv[1]
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    classes = [type(config), type(model), type(processor)]
-    assert all(c.__module__.startswith("transformers_modules.") for c in classes), classes
-    assert not [m for m in sys.modules if m.split(".")[0] in ("modeling_bcls", "trainer_bcls")]
-    batch = torch.load(folder + "/batch.pt", weights_only=True)
-    expected = torch.load(folder + "/expected.pt", weights_only=True)
-    fresh = processor(text=["a dog", "a cat sitting on a red mat"], return_tensors="pt")
-    assert torch.equal(fresh["input_ids"], batch["input_ids"])
-    with torch.no_grad():
-        out = model(**batch, return_loss=True)
-    err = (out.logits_per_image - expected).abs().max().item()
-    assert err <= 1e-6, err
-    assert torch.isfinite(out.loss)
-    print("REMOTE_OK", [c.__name__ for c in classes])
-    """
-)
+folder = sys.argv[1]
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+classes = [type(config), type(model), type(processor)]
+assert all(c.__module__.startswith("transformers_modules.") for c in classes), classes
+assert not [m for m in sys.modules if m.split(".")[0] in ("modeling_bcls", "trainer_bcls")]
+batch = torch.load(folder + "/batch.pt", weights_only=True)
+expected = torch.load(folder + "/expected.pt", weights_only=True)
+fresh = processor(text=["a dog", "a cat sitting on a red mat"], return_tensors="pt")
+assert torch.equal(fresh["input_ids"], batch["input_ids"])
+with torch.no_grad():
+    out = model(**batch, return_loss=True)
+err = (out.logits_per_image - expected).abs().max().item()
+assert err <= 1e-6, err
+assert torch.isfinite(out.loss)
+print("REMOTE_OK", [c.__name__ for c in classes])
+"""
 
 
 def test_remote_code_loads_without_the_package(tmp_path, tiny_bcls_model, tiny_processor):
@@ -459,17 +440,8 @@ def test_remote_code_loads_without_the_package(tmp_path, tiny_bcls_model, tiny_p
         expected = tiny_bcls_model(**batch).logits_per_image
     torch.save(batch, folder / "batch.pt")
     torch.save(expected, folder / "expected.pt")
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_LOAD_SCRIPT, str(folder)],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "REMOTE_OK ['BCLSConfig', 'BCLSModel', 'BCLSProcessor']" in result.stdout
+    stdout = run_without_package(REMOTE_LOAD_SCRIPT, [str(folder)], tmp_path)
+    assert "REMOTE_OK ['BCLSConfig', 'BCLSModel', 'BCLSProcessor']" in stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------------

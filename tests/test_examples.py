@@ -1,0 +1,133 @@
+"""The example scripts end to end: train.py (tiny towers on synthetic data), evaluate.py (metrics + PNG report,
+human judgments), retrieve.py, and the trained folder loading with remote code only (issue 5)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from blocked_import import run_without_package
+from modeling_bcls import BCLSModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"bcls_example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("train") / "run"
+    metrics = load_example("train").main([
+        "--data", str(synthetic_dir), "--output_dir", str(output_dir), "--tiny_image_size", "32",
+        "--max_steps", "30", "--per_device_train_batch_size", "16", "--eval_strategy", "steps", "--eval_steps", "15",
+        "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0",
+    ])
+    return output_dir, metrics
+
+
+def test_train_script_saves_a_complete_model_folder(trained):
+    output_dir, metrics = trained
+    assert metrics["eval_rsum"] > 0 and "eval_kendall_tau_b" in metrics
+    names = {p.name for p in output_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "README.md", "training_args.json", "all_results.json"} <= names
+    assert {"modeling_bcls.py", "configuration_bcls.py", "losses.py"} <= names  # remote code
+    assert not {n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))}
+    card = (output_dir / "README.md").read_text()
+    assert f"{metrics['eval_rsum']:.4g}" in card  # the card reports the final evaluation
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "bcls" and config["auto_map"]["AutoModel"].endswith("BCLSModel")
+
+
+def test_train_script_flags_override_the_tiny_tower_defaults(synthetic_dir, tmp_path):
+    train = load_example("train")
+    parser_args = train.TINY_TOWER_DEFAULTS
+    assert parser_args["learning_rate"] == 1e-3
+    metrics = train.main([
+        "--data", str(synthetic_dir), "--output_dir", str(tmp_path / "r"), "--tiny_image_size", "32",
+        "--max_steps", "2", "--learning_rate", "0.0", "--eval_split", "", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--objective", "vse", "--relevance", "none",
+    ])
+    state = json.loads((tmp_path / "r" / "trainer_state.json").read_text())
+    assert all(entry.get("learning_rate", 0.0) == 0.0 for entry in state["log_history"])
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["objective"] == "vse"
+    assert not any(key.startswith("eval_") for key in metrics)
+
+
+def test_trained_folder_loads_with_remote_code_only(trained, tmp_path):
+    output_dir, _ = trained
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = BCLSModel.from_pretrained(output_dir).eval().get_image_features(pixel_values=pixel_values)
+    save_file({"pixel_values": pixel_values, "expected": expected}, str(tmp_path / "check.safetensors"))
+    stdout = run_without_package(
+        """
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        check = load_file(sys.argv[2])
+        with torch.no_grad():
+            features = model.get_image_features(pixel_values=check["pixel_values"])
+        print("MAX_DIFF", (features - check["expected"]).abs().max().item())
+        """,
+        [str(output_dir), str(tmp_path / "check.safetensors")],
+        tmp_path,
+    )
+    assert float(stdout.split("MAX_DIFF")[1]) <= 1e-6
+
+
+def test_evaluate_script_writes_metrics_report_and_judgment_correlation(trained, synthetic_dir, tmp_path):
+    output_dir, _ = trained
+    dataset = json.loads((Path(synthetic_dir) / "dataset_synthetic.json").read_text())
+    test_images = [entry["filename"] for entry in dataset["images"] if entry["split"] == "test"]
+    judgments = tmp_path / "expert.txt"
+    judgments.write_text(
+        f"{test_images[0]}\t{test_images[0]}#0\t4\t4\t3\n"
+        f"{test_images[0]}\t{test_images[1]}#2\t1\t1\t2\n"
+        f"{test_images[1]}\t{test_images[2]}#1\t2\t1\t1\n"
+        f"{test_images[1]}\tnot_in_split.jpg#0\t3\n"
+    )
+    metrics = load_example("evaluate").main([
+        "--model", str(output_dir), "--dataset", str(synthetic_dir), "--split", "test",
+        "--judgments", str(judgments), "--output_dir", str(tmp_path / "eval"),
+    ])
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert {"rsum", "i2t_r1", "t2i_r10", "kendall_tau_b", "ndcg@10"} <= metrics.keys()
+    assert metrics["judgments_num_pairs"] == 9 and metrics["judgments_num_missing"] == 1
+    assert -1.0 <= metrics["judgments_kendall_tau_c"] <= 1.0
+    with Image.open(tmp_path / "eval" / "report.png") as report:
+        assert report.format == "PNG" and report.width > 500 and report.height > 500
+
+
+def test_retrieve_script_ranks_images_and_captions(trained, synthetic_dir, tmp_path):
+    output_dir, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((Path(synthetic_dir) / "images").iterdir())[:4]
+    for path in source:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "broken.png").write_bytes(b"not an image")
+    output = load_example("retrieve").main([
+        "--model", str(output_dir), "--images", str(images), "--query", "a red circle", "--query", "a blue square",
+        "--image", str(source[0]), "--captions", "a red circle", "a blue square", "a green triangle", "--top_k", "3",
+    ])
+    for hits in output["text_to_image"].values():
+        assert len(hits) == 3 and all(Path(path).name != "broken.png" for path, _ in hits)
+        assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
+    assert sorted(caption for caption, _ in output["image_to_text"]) == ["a blue square", "a green triangle",
+                                                                          "a red circle"]
