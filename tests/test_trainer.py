@@ -240,3 +240,11 @@ def test_trainer_needs_bcls_arguments(splits, tmp_path):
     with pytest.raises(TypeError, match="BCLSTrainingArguments"):
         BCLSTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
                     train_dataset=train, data_collator=BCLSDataCollator(processor), processing_class=processor)
+
+
+def test_tiny_word_tokenizer_keeps_its_vocabulary():
+    from trainer_bcls.tiny_towers import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["A large red circle, on the left", "two small blue squares"])
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red square on the right")["input_ids"])
+    assert tokens == ["[CLS]", "a", "red", "[UNK]", "on", "the", "[UNK]", "[SEP]"]

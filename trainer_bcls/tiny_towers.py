@@ -10,9 +10,7 @@ pretrained towers (`--vision_model`/`--text_model` or `--clip_model`).
 from __future__ import annotations
 
 import re
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Iterable
 
 from transformers import BertConfig, BertTokenizer, ResNetConfig, ViTConfig, ViTImageProcessorPil
@@ -30,10 +28,10 @@ def word_vocabulary(captions: Iterable[str], min_count: int = 1) -> list[str]:
 def build_word_tokenizer(captions: Iterable[str], min_count: int = 1) -> BertTokenizer:
     """A BERT (WordPiece) tokenizer whose vocabulary is the whole words of `captions`."""
     vocab = word_vocabulary(captions, min_count)
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file = Path(folder) / "vocab.txt"
-        vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        return BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"tokenizer kept {len(tokenizer)} of {len(vocab)} vocabulary entries")
+    return tokenizer
 
 
 def tiny_resnet_config(widths: tuple[int, ...] = (32, 64, 128)) -> ResNetConfig:
