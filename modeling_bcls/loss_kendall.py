@@ -242,7 +242,7 @@ def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
                 break
             mid = (low + high) // 2
             passes = (anchor_rel - sorted_rel[rows, mid.clamp(max=num_candidates - 1)]) > label_gap
-            high = torch.where(active & passes, mid + 1, high)
+            high = torch.where(active & passes, mid, high)
             low = torch.where(active & ~passes, mid + 1, low)
         start = start.index_put((rows, anchors), low)
     return start

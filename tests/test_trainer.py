@@ -89,6 +89,12 @@ def test_save_reload_model_card_and_hub_upload(splits, tmp_path, monkeypatch):
     assert not any(name.endswith(".bin") or name.endswith(".pt") for name in files)
     card = (output_dir / "README.md").read_text()
     assert "model-index" in card and "Image→text R@1" in card and "kendall_window_size" in card
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard.load(output_dir / "README.md").data  # the YAML front matter parses, as the Hub does
+    results = {result.metric_type: result.metric_value for result in metadata.eval_results}
+    final_rsum = [e for e in trainer.state.log_history if "eval_rsum" in e][-1]["eval_rsum"]
+    assert results["rsum"] == pytest.approx(final_rsum, rel=1e-5) and "i2t_r1" in results
 
     reloaded = BCLSModel.from_pretrained(output_dir).eval()
     original = trainer.model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from string import Template
@@ -54,19 +55,19 @@ def _model_index(model_name: str, dataset: str, metrics: dict[str, float]) -> st
         return ""
     lines = [
         "model-index:",
-        f"- name: {model_name}",
+        f"- name: {json.dumps(model_name)}",
         "  results:",
         "  - task:",
         "      type: image-text-retrieval",
         "      name: Image-Text Retrieval",
         "    dataset:",
-        f"      name: {dataset}",
+        f"      name: {json.dumps(dataset)}",
         "      type: image-text-retrieval",
         "    metrics:",
     ]
     for key, name in METRIC_NAMES.items():
         if key in metrics:
-            lines += [f"    - type: {key}", f"      value: {float(metrics[key]):.6g}", f"      name: {name}"]
+            lines += [f"    - type: {key}", f"      value: {float(metrics[key]):.6g}", f"      name: {json.dumps(name)}"]
     return "\n".join(lines)
 
 
