@@ -37,7 +37,8 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
         ViTConfig(image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=1024),
         BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                   intermediate_size=1024, max_position_embeddings=64),
+                   intermediate_size=1024, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0),  # no dropout: chunked and full losses must agree
         projection_dim=256, text_pooling="mean",
     )
     model = BCLSModel(config).train()
