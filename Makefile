@@ -29,6 +29,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

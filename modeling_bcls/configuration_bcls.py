@@ -68,9 +68,10 @@ class BCLSConfig(PreTrainedConfig):
         kendall_surrogate (`str`, *optional*, defaults to `"hinge"`):
             `"hinge"` or `"logistic"` surrogate of the pairwise discordance indicator.
         kendall_temperature (`float`, *optional*, defaults to 0.1):
-            Temperature of the logistic surrogate / hard-sample weighting.
+            Temperature T of the logistic surrogate T * softplus(d / T) (unused by the hinge surrogate).
         kendall_hard_mining (`bool`, *optional*, defaults to `True`):
-            Weight discordant pairs by hardness (SW-HS).
+            Hard-sample mining of SW-HS: keep, per anchor, only the most discordant pair of its window (else every
+            pair of the window).
         infonce_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the InfoNCE baseline.
 
