@@ -3,7 +3,6 @@ gradient caching, bf16 and exact resume (issues 5 and 6)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
