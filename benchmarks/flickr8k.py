@@ -66,6 +66,7 @@ from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from transformers import AutoTokenizer, ResNetModel, TrainerCallback, ViTImageProcessorPil, set_seed  # noqa: E402
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
+from modeling_bcls.configuration_bcls import LOSS_KWARG_NAMES  # noqa: E402
 from trainer_bcls import (  # noqa: E402
     BCLSDataCollator,
     BCLSTrainer,
@@ -99,16 +100,8 @@ TABLE_METRICS = [
     ("kendall_tau_b", "τ-b"),
     ("ndcg@10", "nDCG@10"),
 ]
-LOSS_KNOBS = (
-    "margin",
-    "soft_negative_temperature",
-    "kendall_weight",
-    "kendall_window_size",
-    "kendall_label_gap",
-    "kendall_surrogate",
-    "kendall_temperature",
-    "infonce_temperature",
-)
+# The config's loss hyperparameters that take a value flag (objective is --methods; hard mining is a run knob).
+LOSS_KNOBS = tuple(name for name in LOSS_KWARG_NAMES if name not in ("objective", "kendall_hard_mining"))
 # Keys accepted in a --sweep setting: the loss knobs plus these run flags.
 SWEEP_RUN_KNOBS = ("learning_rate", "text_learning_rate", "relevance", "kendall_hard_mining")
 
