@@ -125,7 +125,8 @@ def bench_precompute(pairs, model_path: str, batch_size: int, device: str, repea
 
 
 def bench_collator(pairs, labels, processor, batch_size: int, num_batches: int, name: str):
-    from trainer_bcls.collator import BCLSDataCollator, relevance_sort_order
+    from modeling_bcls.losses import relevance_sort_order
+    from trainer_bcls.collator import BCLSDataCollator
 
     collator = BCLSDataCollator(processor, labels, max_length=64)
     rng = np.random.default_rng(0)

@@ -134,8 +134,7 @@ def test_save_reload_model_card_and_hub_upload(splits, tmp_path, monkeypatch):
     trainer.push_to_hub()
     assert uploads and uploads[-1][0] == "me/bcls-demo"
     uploaded = set(uploads[-1][1])
-    assert {"model.safetensors", "config.json", "README.md", "processor_config.json"} <= uploaded or {
-        "model.safetensors", "config.json", "README.md"} <= uploaded
+    assert {"model.safetensors", "config.json", "README.md", "processor_config.json", "tokenizer.json"} <= uploaded
     assert not any(name.startswith("checkpoint-") for name in uploaded)
 
 

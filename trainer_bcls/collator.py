@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import PIL.Image
 import torch
+from modeling_bcls.losses import relevance_sort_order
 
 from .data_errors import InvalidDataError
 from .image_loading import ImageLoadError, load_image
@@ -37,13 +38,6 @@ from .relevance import RelevanceLabels
 logger = logging.getLogger(__name__)
 
 ROW_KEYS = ("image", "caption", "image_id", "caption_id")
-
-
-def relevance_sort_order(relevance: torch.Tensor) -> torch.Tensor:
-    """Column indices of each row sorted by relevance, descending, stable on ties (``modeling_bcls.losses``)."""
-    from modeling_bcls.losses import relevance_sort_order as sort_order
-
-    return sort_order(relevance)
 
 
 class BCLSDataCollator:
@@ -137,4 +131,4 @@ class BCLSDataCollator:
         )
 
 
-__all__ = ["BCLSDataCollator", "relevance_sort_order"]
+__all__ = ["BCLSDataCollator"]

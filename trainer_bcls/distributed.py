@@ -29,14 +29,17 @@ def _pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=0)
 
 
-def _gather_sizes(tensor: torch.Tensor) -> list[int]:
-    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+def process_sizes(local_size: int, device: torch.device | None = None) -> list[int]:
+    """The number of rows of every process (one small all-gather; compute it once per step and pass it on)."""
+    if not is_distributed():
+        return [local_size]
+    size = torch.tensor([local_size], device=device, dtype=torch.long)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``tensor`` (first dim may differ per process) from all processes, keeping gradients.
 
     The backward of the gather sums, for every process's slice, the gradients computed on all processes, so
@@ -46,29 +49,26 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    sizes = _gather_sizes(tensor)
+    sizes = sizes or process_sizes(tensor.shape[0], tensor.device)
     padded = _pad_to(tensor, max(sizes))
     gathered = all_gather(padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0)
 
 
-def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``tensor`` from all processes, without gradients (ids, labels)."""
     if not is_distributed():
         return tensor
-    sizes = _gather_sizes(tensor)
+    sizes = sizes or process_sizes(tensor.shape[0], tensor.device)
     padded = _pad_to(tensor.contiguous(), max(sizes))
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0)
 
 
-def local_offset(local_size: int, device: torch.device | None = None) -> int:
-    """Index of this process's first row in the gathered (concatenated) batch."""
-    if not is_distributed():
-        return 0
-    sizes = _gather_sizes(torch.empty(local_size, device=device))
-    return sum(sizes[: dist.get_rank()])
+def local_offset(sizes: list[int]) -> int:
+    """Index of this process's first row in the gathered (concatenated) batch, from `process_sizes`."""
+    return sum(sizes[: dist.get_rank()]) if is_distributed() else 0
 
 
 def global_count(count: torch.Tensor) -> torch.Tensor:

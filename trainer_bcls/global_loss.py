@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import gather_no_grad, gather_with_grad, global_count, is_distributed, local_offset
+from .distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    global_count,
+    is_distributed,
+    local_offset,
+    process_sizes,
+)
 
 
 def global_relevance(
-    relevance_labels, image_ids: torch.Tensor, caption_ids: torch.Tensor, all_image_ids: torch.Tensor
+    relevance_labels, caption_ids: torch.Tensor, all_image_ids: torch.Tensor, sizes: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's rows of the global relevance matrix (i2t) and of its transpose (t2i).
 
     Each process's collator only built the B_local × B_local block; the cross-process blocks are rebuilt from
     the gathered image and caption ids with the same [`RelevanceLabels`] the collator uses, so they are exact.
     """
-    all_caption_ids = gather_no_grad(caption_ids)
+    all_caption_ids = gather_no_grad(caption_ids, sizes)
     full = torch.as_tensor(
         relevance_labels.batch_matrix(all_image_ids.cpu().numpy(), all_caption_ids.cpu().numpy())
     )
-    start = local_offset(caption_ids.shape[0], device=caption_ids.device)
+    start = local_offset(sizes)
     rows = slice(start, start + caption_ids.shape[0])
     return full[rows], full[:, rows].T
 
@@ -46,14 +53,13 @@ def global_bcls_loss(
     from modeling_bcls.losses import bcls_loss
 
     world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    sizes = process_sizes(image_embeds.shape[0], image_embeds.device)  # one size exchange for all the gathers
     image_ids = labels.get("image_ids")
     if image_ids is None:
-        image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device) + local_offset(
-            image_embeds.shape[0], image_embeds.device
-        )
-    all_image_embeds = gather_with_grad(image_embeds)
-    all_text_embeds = gather_with_grad(text_embeds)
-    all_image_ids = gather_no_grad(image_ids)
+        image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device) + local_offset(sizes)
+    all_image_embeds = gather_with_grad(image_embeds, sizes)
+    all_text_embeds = gather_with_grad(text_embeds, sizes)
+    all_image_ids = gather_no_grad(image_ids, sizes)
     positive_mask = image_ids[:, None] == all_image_ids[None, :]
     sim_i2t = image_embeds.float() @ all_text_embeds.float().T
     sim_t2i = text_embeds.float() @ all_image_embeds.float().T
@@ -72,7 +78,7 @@ def global_bcls_loss(
                     "batch to rebuild the cross-process relevance: use BCLSDataCollator(processor, relevance=...)."
                 )
             relevance_i2t, relevance_t2i = global_relevance(
-                relevance_labels, image_ids, labels["caption_ids"], all_image_ids
+                relevance_labels, labels["caption_ids"], all_image_ids, sizes
             )
         relevance_i2t = relevance_i2t.to(sim_i2t.device, torch.float32)
         relevance_t2i = relevance_t2i.to(sim_t2i.device, torch.float32)
