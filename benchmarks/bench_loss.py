@@ -22,6 +22,7 @@ of 4 KiB or more (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the re
 ``sim``, its gradient and every intermediate of the step, not the inputs.
 
     python benchmarks/bench_loss.py [--sizes 128 512 2048 4096] [--threads 1] [--no-memory]
+    BCLS_DISABLE_NUMBA=1 python benchmarks/bench_loss.py ...     # the pure-torch Kendall path, for comparison
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def bcls_total(sim, mask, relevance):
 
 
 def label_side(relevance):
-    """Sort order and window starts of both directions (what depends on the labels only)."""
+    """Sort order and window starts of both directions (what depends on the labels only), as BCLS total runs them:
+    ``relevance_sort_order`` (a collator's job in training), then the loss's own pass that checks the order and
+    computes the window starts."""
     for rel in (relevance, relevance.T):
-        sorted_rel, order = loss_kendall._sorted_relevance(rel, relevance_sort_order(rel))
-        loss_kendall._window_start(sorted_rel, KENDALL["label_gap"])
+        loss_kendall._label_windows(rel, relevance_sort_order(rel), KENDALL["label_gap"])
 
 
 def make_step(case: str, img, txt, mask, relevance):
@@ -194,6 +196,13 @@ def main() -> None:
         "peak mem: resident-set increase over one step, fresh process per case"
     )
     print("# Kendall SW-HS and BCLS total include the label-side relevance_sort_order of both directions")
+    kernels = loss_kendall.get_kernels()
+    if kernels is None:
+        print("# Kendall path: pure torch (+ NumPy sort); Numba kernels unavailable or BCLS_DISABLE_NUMBA set")
+    else:
+        import numba
+
+        print(f"# Kendall path: compiled CPU kernels (numba {numba.__version__}); BCLS_DISABLE_NUMBA=1 for the torch path")
     print()
     print("| B | loss | time (ms) | × VSE++ | peak mem (MiB) | × VSE++ |")
     print("|---:|---|---:|---:|---:|---:|")

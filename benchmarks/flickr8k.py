@@ -442,7 +442,7 @@ def append_results(args, records: list[dict], table: str, data: dict) -> None:
     spread_name = "std" if args.spread == "std" else "half the max-min range"
     section = [
         "",
-        f"## Flickr8k val{' sweep (BCLS)' if args.sweep else ''}: "
+        f"## {args.title or 'Flickr8k val' + (' sweep (BCLS)' if args.sweep else '')}: "
         f"{datetime.datetime.now().isoformat(timespec='minutes')}",
         "",
         f"- command: `{command}`",
@@ -517,6 +517,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="BCLS only: one run per setting (x seeds), each 'key=value,...' over "
         f"{', '.join(LOSS_KNOBS + SWEEP_RUN_KNOBS)}; other values come from the flags.",
     )
+    g.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="Train nothing: build the table from the per-run JSON records under these --output_dir folders (runs "
+        "split over parallel processes), in the order given, and append it with the description of these flags "
+        "(pass the flags the runs used).",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", default=str(DEFAULT_DATA), help="Karpathy json or folder (never copied).")
     g.add_argument("--train_split", default="train")
@@ -564,6 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--output_dir", default=str(ROOT / "outputs" / "flickr8k"), help="Per-run JSON.")
     g.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="Markdown file to append to.")
     g.add_argument("--spread", default="halfrange", choices=["halfrange", "std"])
+    g.add_argument("--title", default=None, help="Heading of the appended section (default: from the mode).")
     g.add_argument("--machine", default=None, help="Machine description (default: detected).")
     args = p.parse_args(argv)
     args.text_model = args.text_model or minilm_path()
@@ -574,11 +584,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_data(args) -> dict:
-    start = time.perf_counter()
+def load_splits(args):
     train = first_images(load_pairs(args.data, args.train_split, check_images=False), args.max_train_images)
     val = first_images(load_pairs(args.data, args.eval_split, check_images=False), args.max_val_images)
+    return train, val
+
+
+def describe_data(args, train, val) -> str:
     n_train_images, n_val_images = len(set(train["image_id"])), len(set(val["image_id"]))
+    return (
+        f"{Path(args.data).name} {args.train_split} {n_train_images} images ({len(train)} pairs) / "
+        f"{args.eval_split} {n_val_images} images ({len(val)} captions)"
+    )
+
+
+def load_data(args) -> dict:
+    start = time.perf_counter()
+    train, val = load_splits(args)
     logger.info("data: %d train pairs, %d val pairs (%.1fs)", len(train), len(val), time.perf_counter() - start)
     val_relevance = build_relevance_labels(val, kind="sentence", model_name_or_path=args.relevance_model)
     cache: dict[str, Any] = {}
@@ -596,13 +618,32 @@ def load_data(args) -> dict:
         "val_relevance": val_relevance,
         "train_relevance": train_relevance,
         "processor": build_processor(args),
-        "description": f"{Path(args.data).name} {args.train_split} {n_train_images} images ({len(train)} pairs) / "
-        f"{args.eval_split} {n_val_images} images ({len(val)} captions)",
+        "description": describe_data(args, train, val),
     }
+
+
+def collect_records(folders: list[str]) -> list[dict]:
+    """Per-run records ``<folder>/<label>/seed<k>.json`` of earlier runs, folder by folder, oldest run first."""
+    records = []
+    for folder in folders:
+        files = sorted(Path(folder).glob("*/seed*.json"), key=lambda path: path.stat().st_mtime)
+        if not files:
+            raise FileNotFoundError(f"--collect {folder}: no <label>/seed<k>.json run records")
+        records.extend(json.loads(path.read_text(encoding="utf-8")) for path in files)
+    return records
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.collect:
+        records = collect_records(args.collect)
+        labels = list(dict.fromkeys(r["label"] for r in records))
+        records = [r for label in labels for r in records if r["label"] == label]  # group runs of a label
+        table = results_table(records, args.spread)
+        print(table)
+        train, val = load_splits(args)
+        append_results(args, records, table, {"description": describe_data(args, train, val)})
+        return records
     if args.threads > 0:
         limit_threads(args.threads)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

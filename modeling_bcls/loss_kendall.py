@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .kendall_kernels import get_kernels
 from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _check_sim, _empty_terms, _reduce
 
 
@@ -74,6 +75,17 @@ def _numpy():
         return None
 
 
+def _cpu_kernels(*tensors: torch.Tensor):
+    """The compiled CPU kernels (:mod:`.kendall_kernels`) when every tensor is a float32/float64/int32/int64 CPU
+    tensor and Numba is available, else None (the torch path)."""
+    if sys.byteorder != "little" or any(
+        t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64, torch.int32, torch.int64)
+        for t in tensors
+    ):
+        return None
+    return get_kernels()
+
+
 def _sort_rows(np, array) -> None:
     """In-place row sort of a 2-D NumPy array, split over ``torch.get_num_threads()`` threads when it is large (NumPy
     releases the GIL while sorting). The pool is created per call, so forked DataLoader workers are safe."""
@@ -85,23 +97,23 @@ def _sort_rows(np, array) -> None:
         list(pool.map(lambda chunk: chunk.sort(axis=1), np.array_split(array, threads)))
 
 
-def _stable_argsort_descending(relevance: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``torch.sort(relevance, descending=True, stable=True).indices``.
+def _sort_descending(relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Row-wise ``torch.sort(relevance, dim=1, descending=True, stable=True)`` as (sorted values or None when the
+    path does not produce them, indices).
 
-    On CPU for float32 it sorts unique int64 keys ``(monotone_key(-R) << 32) + column`` with NumPy's SIMD sort
-    instead, which returns the same permutation (unique keys make any sort stable) several times faster than
-    ``torch.sort`` on CPU.
+    On CPU for float32: the compiled radix sort of :mod:`.kendall_kernels` when Numba is available; otherwise, for
+    large inputs, NumPy's SIMD sort of unique int64 keys ``(monotone_key(-R) << 32) + column``, which returns the
+    same permutation (unique keys make any sort stable). Both are several times faster than ``torch.sort`` on CPU.
     """
     num_candidates = relevance.shape[1]
-    if (
-        relevance.device.type == "cpu"
-        and relevance.dtype == torch.float32
-        and relevance.numel() >= _NUMPY_SORT_MIN_ELEMENTS
-        and num_candidates < 2**31
-        and sys.byteorder == "little"
-    ):
-        np = _numpy()
-        if np is not None:
+    if relevance.dtype == torch.float32 and num_candidates < 2**31:
+        kernels = _cpu_kernels(relevance)
+        if kernels is not None:  # (rows read in place: a transposed matrix is copied once, not read with strides)
+            order = torch.empty(relevance.shape, dtype=torch.long)
+            kernels.sort_rows_descending(relevance.contiguous().view(torch.int32).numpy(), order.numpy())
+            return None, order
+        np = _numpy() if relevance.numel() >= _NUMPY_SORT_MIN_ELEMENTS and relevance.device.type == "cpu" else None
+        if np is not None and sys.byteorder == "little":
             bits = (relevance + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0 (they compare equal)
             if bool(bits.min() < 0):  # negative floats: flip the magnitude bits so that int32 order == float order
                 bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
@@ -111,8 +123,9 @@ def _stable_argsort_descending(relevance: torch.Tensor) -> torch.Tensor:
             keys[..., 1] = bits.bitwise_not_()
             array = keys.view(torch.int64).squeeze(-1).numpy()
             _sort_rows(np, array)
-            return keys[..., 0].long()
-    return torch.sort(relevance, dim=1, descending=True, stable=True).indices
+            order = keys[..., 0].long()
+            return relevance.gather(1, order), order
+    return torch.sort(relevance, dim=1, descending=True, stable=True)
 
 
 def relevance_sort_order(relevance: torch.Tensor) -> torch.Tensor:
@@ -120,7 +133,7 @@ def relevance_sort_order(relevance: torch.Tensor) -> torch.Tensor:
     order (``torch.sort(relevance, dim=1, descending=True, stable=True).indices``). It depends on the labels only,
     so a data collator can precompute it and pass it as ``sort_order``."""
     relevance = _check_relevance(relevance)
-    return _stable_argsort_descending(relevance)
+    return _sort_descending(relevance)[1]
 
 
 def _sorted_relevance(relevance: torch.Tensor, sort_order: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,18 +141,10 @@ def _sorted_relevance(relevance: torch.Tensor, sort_order: Optional[torch.Tensor
     and to sort every row descending; the order inside ties (increasing column, as produced by
     :func:`relevance_sort_order`) is trusted, not checked."""
     if sort_order is None:
-        order = _stable_argsort_descending(relevance)
-        return relevance.gather(1, order), order
-    if not isinstance(sort_order, torch.Tensor) or sort_order.is_floating_point() or sort_order.dtype == torch.bool:
-        raise ValueError("`sort_order` must be an integer tensor, as returned by relevance_sort_order(relevance)")
-    if tuple(sort_order.shape) != tuple(relevance.shape):
-        raise ValueError(f"`sort_order` has shape {tuple(sort_order.shape)} but relevance has shape {tuple(relevance.shape)}")
-    order = sort_order.to(device=relevance.device, dtype=torch.long)
+        sorted_rel, order = _sort_descending(relevance)
+        return relevance.gather(1, order) if sorted_rel is None else sorted_rel, order
+    order = _check_sort_order(sort_order, relevance)
     num_candidates = relevance.shape[1]
-    if order.numel():
-        low, high = torch.aminmax(order)
-        if int(low) < 0 or int(high) >= num_candidates:
-            raise ValueError(f"`sort_order` has column indices outside [0, {num_candidates})")
     sorted_rel = relevance.gather(1, order)
     if num_candidates > 1:
         increasing = sorted_rel[:, 1:] > sorted_rel[:, :-1]
@@ -152,25 +157,6 @@ def _sorted_relevance(relevance: torch.Tensor, sort_order: Optional[torch.Tensor
     return sorted_rel, order
 
 
-def _numpy_float_view(tensor: torch.Tensor):
-    """NumPy (when importable) if ``tensor`` is a large float32 CPU tensor (the NumPy fast paths), else None."""
-    if (
-        tensor.device.type == "cpu"
-        and tensor.dtype == torch.float32
-        and tensor.numel() >= _NUMPY_SORT_MIN_ELEMENTS
-        and sys.byteorder == "little"
-        and not tensor.requires_grad
-    ):
-        return _numpy()
-    return None
-
-
-def _monotone_int32(np, values):
-    """int32 keys with the order of the float32 ``values`` (``-0.0`` and ``+0.0`` map to the same key)."""
-    bits = (values + np.float32(0.0)).view(np.int32)  # + 0.0 turns -0.0 into +0.0 (they compare equal)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
-
-
 def _tie_group_end(sorted_rel: torch.Tensor) -> torch.Tensor:
     """``end[q, a]`` = 1 + the last sorted position of ``a``'s tie group: the window start for ``g = 0``, since
     ``R_a - R_b > 0  <=>  R_b < R_a`` exactly (the difference of two distinct floats is never rounded to 0).
@@ -178,53 +164,33 @@ def _tie_group_end(sorted_rel: torch.Tensor) -> torch.Tensor:
     A position ``b`` ends its group when ``R_b != R_{b+1}`` (or ``b = Nc - 1``); ``end[a]`` is the smallest such
     ``b + 1`` at or after ``a``, a reversed running minimum. O(Nc) per row, no search."""
     num_candidates = sorted_rel.shape[1]
-    np = _numpy_float_view(sorted_rel)
-    if np is not None:
-        values = sorted_rel.contiguous().numpy()
-        ends = np.empty(values.shape, dtype=np.int64)
-        ends[:, -1] = num_candidates
-        ends[:, :-1] = np.where(values[:, 1:] != values[:, :-1], np.arange(1, num_candidates), num_candidates)
-        reversed_ends = ends[:, ::-1]
-        np.minimum.accumulate(reversed_ends, axis=1, out=reversed_ends)
-        return torch.from_numpy(ends)
     positions = torch.arange(1, num_candidates + 1, device=sorted_rel.device).expand_as(sorted_rel)
     changes = F.pad(sorted_rel[:, 1:] != sorted_rel[:, :-1], (0, 1), value=True)
     ends = torch.where(changes, positions, num_candidates)
     return torch.cummin(ends.flip(1), dim=1).values.flip(1)
 
 
-def _search_after_gap(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
-    """Per row, the number of sorted positions ``b`` with ``R_b >= fl(R_a - g)``: the window start up to one
-    rounding of the threshold (``searchsorted`` of ``g - R_a`` in the ascending ``-R``).
-
-    On CPU (float32, NumPy importable) every row is one ``np.searchsorted`` on int32 keys with the float order, which
-    is several times faster than ``torch.searchsorted`` on CPU; elsewhere ``torch.searchsorted``.
-    """
-    np = _numpy_float_view(sorted_rel)
-    if np is None:
-        ascending = (-sorted_rel).contiguous()
-        return torch.searchsorted(ascending, (label_gap - sorted_rel).contiguous(), right=True)
-    values = sorted_rel.contiguous().numpy()
-    ascending = _monotone_int32(np, -values)
-    queries = _monotone_int32(np, np.float32(label_gap) - values)
-    start = np.empty(values.shape, dtype=np.int64)
-    search = np.searchsorted
-    for row in range(values.shape[0]):
-        start[row] = search(ascending[row], queries[row], side="right")
-    return torch.from_numpy(start)
-
-
 def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
-    """``start[q, a]`` = first sorted position ``b`` with ``R_a - R_b > g`` (``Nc`` when there is none).
+    """``start[q, a]`` = first sorted position ``b`` with ``R_a - R_b > g`` (``Nc`` when there is none), the test
+    evaluated in the labels' dtype (as ``torch`` evaluates ``R[:, :, None] - R[:, None, :] > g``).
 
-    ``g = 0``: the end of ``a``'s tie group (exact, no search). ``g > 0``: a search for ``R_b < R_a - g``, which can
-    differ from the spec's ``R_a - R_b > g`` by one rounding, so the boundary is checked with the exact test and the
-    (rare) disagreeing anchors are recounted.
+    CPU with the compiled kernels: two pointers per row (``start`` is non-decreasing in ``a``), O(Nc) and exact.
+    Torch path: ``g = 0`` is the end of ``a``'s tie group (exact, no search); ``g > 0`` is a ``searchsorted`` for
+    ``R_b < R_a - g``, which can differ from the exact test by one rounding, so the boundary is checked with the exact
+    test and the (rare) disagreeing anchors are recounted.
     """
     num_candidates = sorted_rel.shape[1]
+    kernels = _cpu_kernels(sorted_rel)
+    if kernels is not None:
+        values = sorted_rel.contiguous()
+        start = torch.empty(values.shape, dtype=torch.long)
+        gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
+        kernels.window_starts(values.numpy(), values.numpy().dtype.type(gap), start.numpy())
+        return start
     if label_gap == 0:
         return _tie_group_end(sorted_rel)
-    start = _search_after_gap(sorted_rel, label_gap)
+    ascending = (-sorted_rel).contiguous()
+    start = torch.searchsorted(ascending, (label_gap - sorted_rel).contiguous(), right=True)
     # start >= a + 1 >= 1 because R_a < R_a - g never holds for g >= 0; position Nc reads -inf (always in the gap).
     at = F.pad(sorted_rel, (0, 1), value=float("-inf")).gather(1, start)
     before = sorted_rel.gather(1, start - 1)
@@ -246,6 +212,53 @@ def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
             low = torch.where(active & ~passes, mid + 1, low)
         start = start.index_put((rows, anchors), low)
     return start
+
+
+def _check_sort_order(sort_order, relevance: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sort_order, torch.Tensor) or sort_order.is_floating_point() or sort_order.dtype == torch.bool:
+        raise ValueError("`sort_order` must be an integer tensor, as returned by relevance_sort_order(relevance)")
+    if tuple(sort_order.shape) != tuple(relevance.shape):
+        raise ValueError(f"`sort_order` has shape {tuple(sort_order.shape)} but relevance has shape {tuple(relevance.shape)}")
+    order = sort_order.to(device=relevance.device, dtype=torch.long)
+    if order.numel():
+        low, high = torch.aminmax(order)
+        if int(low) < 0 or int(high) >= relevance.shape[1]:
+            raise ValueError(f"`sort_order` has column indices outside [0, {relevance.shape[1]})")
+    return order
+
+
+def _label_windows(
+    relevance: torch.Tensor, sort_order: Optional[torch.Tensor], label_gap: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sort order, window starts) of every row: everything of the loss that depends on the labels only.
+
+    CPU with the compiled kernels: one pass per row (radix sort, or the given order checked, then the two-pointer
+    starts), int32 starts. Elsewhere :func:`_sorted_relevance` + :func:`_window_start`."""
+    kernels = _cpu_kernels(relevance)
+    if kernels is None or (sort_order is None and relevance.dtype != torch.float32):
+        sorted_rel, order = _sorted_relevance(relevance, sort_order)
+        return order, _window_start(sorted_rel, label_gap)
+    values = relevance.contiguous()
+    if sort_order is None:
+        order = torch.empty(values.shape, dtype=torch.long)
+        bits = values.view(torch.int32).numpy()
+    else:
+        order = _check_sort_order(sort_order, values).contiguous()
+        bits = torch.empty(0, 0, dtype=torch.int32).numpy()
+    start = torch.empty(values.shape, dtype=torch.int32)
+    status = torch.zeros(3, dtype=torch.long)
+    gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
+    kernels.label_windows(
+        bits, values.numpy(), values.numpy().dtype.type(gap), sort_order is not None, order.numpy(), start.numpy(),
+        status.numpy(),
+    )
+    code, row, where = status.tolist()
+    if code == 2:
+        raise ValueError(
+            f"`sort_order` is not relevance_sort_order(relevance): row {row} is not sorted by relevance descending "
+            f"at positions {where}, {where + 1}"
+        )
+    return order, start
 
 
 def _surrogate(d: torch.Tensor, surrogate: str, temperature: float) -> torch.Tensor:
@@ -330,8 +343,22 @@ class _HardestPairLoss(torch.autograd.Function):
     def forward(ctx, sim, order, start, width, surrogate, temperature):
         if not sim.is_contiguous():
             sim = sim.contiguous()  # the t2i direction gets sim.T: one transposing copy beats a strided gather
-        sorted_sim = sim.gather(1, order)
         need_grad = ctx.needs_input_grad[0]
+        kernels = _cpu_kernels(sim, order, start)
+        ctx.kernels = kernels
+        if kernels is not None:  # one compiled pass per row: gather, deque sliding maximum, phi and phi'
+            terms = torch.empty_like(sim)
+            shape = sim.shape if need_grad else (0, 0)
+            partner = torch.empty(shape, dtype=torch.int32)
+            slope = torch.empty(shape, dtype=sim.dtype)
+            kernels.hardest_pairs(
+                sim.detach().numpy(), order.contiguous().numpy(), start.contiguous().numpy(), int(width),
+                surrogate == "hinge", float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(),
+            )
+            if need_grad:
+                ctx.save_for_backward(order, partner, slope)
+            return terms
+        sorted_sim = sim.gather(1, order)
         window_max, partner = _window_max(sorted_sim, start, width, need_argmax=need_grad)
         d = window_max - sorted_sim
         if need_grad:  # hinge: the 0/1 slope as a bool mask (a quarter of the memory)
@@ -343,6 +370,13 @@ class _HardestPairLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         order, partner, slope = ctx.saved_tensors
+        if ctx.kernels is not None:
+            grad_sim = torch.zeros(slope.shape, dtype=slope.dtype)
+            grad_terms = grad_output.to(slope.dtype)  # often an expanded scalar (stride 0): read as it is
+            ctx.kernels.hardest_pairs_backward(
+                grad_terms.numpy(), order.contiguous().numpy(), partner.numpy(), slope.numpy(), grad_sim.numpy()
+            )
+            return grad_sim, None, None, None, None, None
         g = torch.where(slope, grad_output, 0) if slope.dtype == torch.bool else slope * grad_output
         grad_sorted = torch.neg(g).scatter_add_(1, partner, g)  # d/dS_sorted: -phi' at the anchor, +phi' at its partner
         return torch.zeros_like(g).scatter_add_(1, order, grad_sorted), None, None, None, None, None
@@ -427,8 +461,7 @@ def _kendall_parts(
     if sim.numel() == 0:
         terms = _empty_terms(sim)
         return terms.sum(), torch.zeros((), dtype=torch.long, device=sim.device), terms
-    sorted_rel, order = _sorted_relevance(relevance, sort_order)
-    start = _window_start(sorted_rel, label_gap)
+    order, start = _label_windows(relevance, sort_order, label_gap)
     width = num_candidates if window_size is None else min(int(window_size), num_candidates)
     if hard_mining:
         per_anchor = _HardestPairLoss.apply(sim, order, start, width, surrogate, temperature)
@@ -438,6 +471,7 @@ def _kendall_parts(
             return terms.sum(), torch.tensor(terms.numel(), device=sim.device), terms
         return per_anchor.sum(), valid.sum(), None
     sorted_sim = sim.gather(1, order)
+    start = start.long()
     count = (num_candidates - start).clamp(max=width).sum()
     if want_terms:
         pieces = []

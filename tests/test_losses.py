@@ -280,20 +280,40 @@ def test_kendall_sort_order_passed_equals_computed():
         kendall_ranking_loss(sim, relevance, sort_order=order + 1)
 
 
-def test_relevance_sort_order_fast_path_equals_torch_sort(monkeypatch):
+# The CPU paths of the Kendall loss: compiled kernels (Numba, the default), NumPy sort without them, pure torch.
+PATHS = ("kernels", "numpy", "torch")
+
+
+def use_path(monkeypatch, path: str) -> None:
+    if path != "kernels":
+        monkeypatch.setattr(loss_kendall, "get_kernels", lambda: None)
+    if path == "numpy":
+        monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)
+    if path == "torch":
+        monkeypatch.setattr(loss_kendall, "_numpy", lambda: None)
+
+
+def test_kernels_are_available_in_the_test_environment():
+    """numba is an install dependency: the default CPU path must be the compiled one (else it would go untested)."""
+    assert loss_kendall.get_kernels() is not None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_relevance_sort_order_every_path_equals_torch_sort(monkeypatch, path):
     g = torch.Generator().manual_seed(0)
     relevance = torch.randint(-3, 4, (40, 60), generator=g).float() / 3  # ties and negatives
     relevance[0, :5], relevance[0, 5:10] = -0.0, 0.0  # -0.0 == 0.0 is a tie
     relevance[1] = torch.randn(60, generator=g) * 1e30
     relevance[2, ::2] = torch.finfo(torch.float32).tiny / 4  # subnormals
     relevance[3, ::3] = -torch.finfo(torch.float32).tiny / 4
+    relevance[4] = torch.rand(60, generator=g) * 1e-3 + 0.5  # a high byte shared by the row: a skipped radix digit
     sim = torch.rand(40, 60, generator=g)
     expected_loss = kendall_ranking_loss(sim, relevance, window_size=3, label_gap=0.1)
-    monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)  # force the NumPy path
+    use_path(monkeypatch, path)
     for threaded in (False, True):
         monkeypatch.setattr(loss_kendall, "_THREADED_SORT_MIN_ELEMENTS", 0 if threaded else 1 << 40)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-        for r in (relevance, relevance.T, relevance.abs()):
+        for r in (relevance, relevance.T, relevance.abs(), torch.rand(3, 1000, generator=g)):
             assert torch.equal(relevance_sort_order(r), torch.sort(r, dim=1, descending=True, stable=True).indices)
     assert torch.equal(kendall_ranking_loss(sim, relevance, window_size=3, label_gap=0.1), expected_loss)
 
@@ -554,55 +574,96 @@ def _window_start_inputs():
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.05, 0.15, 0.3, 2.0])
-def test_kendall_window_start_numpy_and_torch_paths_match_exact_test(monkeypatch, gap):
-    """The g = 0 tie-group path, the NumPy row searches and the torch.searchsorted fallback (NumPy hidden) all give
-    the spec's window start, including equal-label rows, ties across the boundary, -0.0 and float64."""
-    for numpy_path in (True, False):
-        monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)
-        if not numpy_path:
-            monkeypatch.setattr(loss_kendall, "_numpy", lambda: None)
-        for relevance in _window_start_inputs():
-            sorted_rel, _ = loss_kendall._sorted_relevance(relevance, None)
-            start = loss_kendall._window_start(sorted_rel, gap)
-            assert start.dtype == torch.long
-            assert torch.equal(start, _window_start_reference(sorted_rel, gap)), (numpy_path, relevance.dtype)
-        assert torch.equal(loss_kendall._window_start(torch.full((3, 40), 0.5), gap), torch.full((3, 40), 40))
-        monkeypatch.undo()
+@pytest.mark.parametrize("path", PATHS)
+def test_kendall_window_start_every_path_matches_exact_test(monkeypatch, path, gap):
+    """The two-pointer kernel, the torch tie-group (g = 0) and searchsorted (g > 0) paths, and the fused label pass
+    (sort + starts, or a given order checked + starts) all give the spec's window start, including equal-label rows,
+    ties across the boundary, -0.0 and float64."""
+    use_path(monkeypatch, path)
+    for relevance in _window_start_inputs():
+        sorted_rel, order = loss_kendall._sorted_relevance(relevance, None)
+        expected = _window_start_reference(sorted_rel, gap)
+        start = loss_kendall._window_start(sorted_rel, gap)
+        assert start.dtype == torch.long
+        assert torch.equal(start, expected), relevance.dtype
+        for given in (None, order):
+            fused_order, fused_start = loss_kendall._label_windows(relevance, given, gap)
+            assert torch.equal(fused_order, order) and torch.equal(fused_start.long(), expected)
+    assert torch.equal(loss_kendall._window_start(torch.full((3, 40), 0.5), gap), torch.full((3, 40), 40))
 
 
-def test_kendall_numpy_and_torch_paths_give_identical_losses_and_grads(monkeypatch):
-    """Above the NumPy size threshold (forced to 0 here) and with NumPy hidden, loss and gradient are bit-identical."""
+@pytest.mark.parametrize("surrogate", ["hinge", "logistic"])
+def test_kendall_every_path_gives_the_same_losses_and_grads(monkeypatch, surrogate):
+    """Kernels, NumPy and torch paths: the same losses and gradients (the kernels sum gradients in another order and
+    evaluate softplus their own way, so those are compared to float32 rounding), bounded and unbounded windows,
+    every gap, both directions."""
     sim, _, relevance = make_batch(40, 56, seed=67, tied_relevance=True)
     relevance[:, ::5] = torch.rand(40, 12, generator=torch.Generator().manual_seed(2))
-    results = []
-    for numpy_getter in (loss_kendall._numpy, lambda: None):
-        monkeypatch.setattr(loss_kendall, "_numpy", numpy_getter)
-        monkeypatch.setattr(loss_kendall, "_NUMPY_SORT_MIN_ELEMENTS", 0)
-        for gap in (0.0, 0.05, 0.25):
-            for window in (None, 8):
-                s = sim.clone().requires_grad_()
-                out = bcls_loss(s, torch.eye(40, 56, dtype=torch.bool), relevance, kendall_window_size=window,
-                                kendall_label_gap=gap)
-                out["loss"].backward()
-                results.append((out["kendall"].detach(), s.grad))
-    half = len(results) // 2
-    for (loss_np, grad_np), (loss_torch, grad_torch) in zip(results[:half], results[half:]):
-        assert torch.equal(loss_np, loss_torch) and torch.equal(grad_np, grad_torch)
+    results = {}
+    for path in PATHS:
+        with monkeypatch.context() as patch:
+            use_path(patch, path)
+            for gap in (0.0, 0.05, 0.25):
+                for window in (None, 1, 3, 8):
+                    s = sim.clone().requires_grad_()
+                    out = bcls_loss(s, torch.eye(40, 56, dtype=torch.bool), relevance, kendall_window_size=window,
+                                    kendall_label_gap=gap, kendall_surrogate=surrogate)
+                    out["kendall"].backward()
+                    results[path, gap, window] = (out["kendall"].detach(), s.grad)
+    assert results["torch", 0.05, 8][0] > 0
+    for (path, gap, window), (loss, grad) in results.items():
+        ref_loss, ref_grad = results["torch", gap, window]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7, msg=f"{path} {gap} {window}")
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7, msg=f"{path} {gap} {window}")
+        if surrogate == "hinge" and path == "numpy":
+            assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
 
-def test_kendall_large_batch_uses_numpy_path_and_matches_reference(monkeypatch):
-    """At a benchmark-like size the NumPy window start is taken (by default thresholds) and equals the fallback."""
+def test_kendall_large_batch_takes_the_kernels_and_matches_reference(monkeypatch):
+    """At a benchmark-like size the compiled kernels are taken by default and equal the brute-force window starts."""
     g = torch.Generator().manual_seed(71)
     relevance = torch.rand(160, 160, generator=g)
     relevance[torch.rand(160, 160, generator=g) < 0.02] = 1.0
-    assert relevance.numel() >= loss_kendall._NUMPY_SORT_MIN_ELEMENTS
     calls = []
-    original = loss_kendall._numpy
-    monkeypatch.setattr(loss_kendall, "_numpy", lambda: calls.append(1) or original())
+    original = loss_kendall.get_kernels
+    monkeypatch.setattr(loss_kendall, "get_kernels", lambda: calls.append(1) or original())
     for rel in (relevance, relevance.T):
-        sorted_rel, _ = loss_kendall._sorted_relevance(rel, relevance_sort_order(rel))
+        sorted_rel, order = loss_kendall._sorted_relevance(rel, None)
         for gap in (0.0, 0.05):
             calls.clear()
-            start = loss_kendall._window_start(sorted_rel, gap)
-            assert calls, "the NumPy path must be taken at this size"
-            assert torch.equal(start, _window_start_reference(sorted_rel, gap))
+            got_order, start = loss_kendall._label_windows(rel, None, gap)
+            assert calls, "the kernels must be taken at this size"
+            assert start.dtype == torch.int32 and torch.equal(got_order, order)
+            assert torch.equal(start.long(), _window_start_reference(sorted_rel, gap))
+
+
+def test_kendall_without_numba_falls_back_to_torch(tmp_path):
+    """numba blocked at import (as in a remote-code environment without it): the same loss, from the torch path."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "numba":
+                    raise ImportError("blocked")
+        sys.meta_path.insert(0, Block())
+        sys.path.insert(0, sys.argv[1])
+        import torch
+        from modeling_bcls import loss_kendall
+        from modeling_bcls.losses import kendall_ranking_loss
+        g = torch.Generator().manual_seed(0)
+        sim, rel = torch.rand(30, 40, generator=g), torch.rand(30, 40, generator=g)
+        assert loss_kendall.get_kernels() is None
+        print(repr(kendall_ranking_loss(sim, rel, window_size=4, label_gap=0.05).item()))
+        """
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, check=True).stdout
+    g = torch.Generator().manual_seed(0)
+    sim, rel = torch.rand(30, 40, generator=g), torch.rand(30, 40, generator=g)
+    assert float(out.strip()) == kendall_ranking_loss(sim, rel, window_size=4, label_gap=0.05).item()
