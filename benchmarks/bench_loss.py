@@ -6,7 +6,8 @@ For each batch size B it times, in this one process, one training step of the lo
 
 * VSE++ triplet          ``bcls_loss(objective="vse")``
 * Triplet-SN             ``bcls_loss(objective="triplet_sn")``
-* Kendall SW-HS          window 8, gap 0.05, hinge, hard mining, both directions, *including* the label-side sorts
+* Kendall SW-HS          BCLSConfig's defaults (window 32, gap 0.05, hinge, hard mining), both directions,
+                         *including* the label-side sorts
 * BCLS total             ``relevance_sort_order`` of both directions (label side) + ``bcls_loss`` with defaults
 * All-pairs Kendall      ``window_size=None, hard_mining=False`` (O(B^3); only B <= 512)
 * Label side only        the labels-only part of BCLS total: both directions' sorts and window starts (no ``sim``);
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modeling_bcls import loss_kendall  # noqa: E402
+from modeling_bcls import BCLSConfig, loss_kendall  # noqa: E402
 from modeling_bcls.loss_kendall import kendall_ranking_loss  # noqa: E402
 from modeling_bcls.losses import bcls_loss, relevance_sort_order  # noqa: E402
 
@@ -51,7 +52,13 @@ DIM = 256
 ALL_PAIRS_MAX_B = 512
 NUM_IMAGES = 6000  # pairs are drawn from a Flickr8k-sized pool: a few images repeat in large batches
 REPEATS = {128: 30, 512: 15, 2048: 5, 4096: 3}
-KENDALL = dict(window_size=8, label_gap=0.05, surrogate="hinge", hard_mining=True)
+_DEFAULTS = BCLSConfig().loss_kwargs()  # the Kendall case runs BCLS's default SW-HS knobs
+KENDALL = dict(
+    window_size=_DEFAULTS["kendall_window_size"],
+    label_gap=_DEFAULTS["kendall_label_gap"],
+    surrogate=_DEFAULTS["kendall_surrogate"],
+    hard_mining=_DEFAULTS["kendall_hard_mining"],
+)
 CASES = ["VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "Label side only", "All-pairs Kendall"]
 
 
@@ -196,6 +203,7 @@ def main() -> None:
         "peak mem: resident-set increase over one step, fresh process per case"
     )
     print("# Kendall SW-HS and BCLS total include the label-side relevance_sort_order of both directions")
+    print(f"# Kendall knobs (BCLSConfig defaults): {KENDALL}")
     kernels = loss_kendall.get_kernels()
     if kernels is None:
         print("# Kendall path: pure torch (+ NumPy sort); Numba kernels unavailable or BCLS_DISABLE_NUMBA set")

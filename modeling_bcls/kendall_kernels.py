@@ -172,7 +172,8 @@ def _build(numba, np) -> SimpleNamespace:
     @jit
     def hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
         """terms[q, a] = phi(max_{b in W_a} S[q, order[q, b]] - S[q, order[q, a]]) (0 for an empty window);
-        partner[q, a] = column of the maximum, slope[q, a] = phi'(d) (written only when need_grad).
+        when need_grad, partner[q, a] = column of the maximum (-1 where phi' = 0: empty window, or hinge with
+        d <= 0) and, for the logistic surrogate only, slope[q, a] = phi'(d).
 
         Per row: the similarities in sorted order, padded with ``-inf`` up to ``Nc + w``; a sliding (value, first
         position) maximum of width ``w`` by doubling (``floor(log2 w)`` passes of pairwise maxima plus one
@@ -225,8 +226,7 @@ def _build(numba, np) -> SimpleNamespace:
                 if s >= num_candidates:  # empty window
                     terms[q, a] = 0
                     if need_grad:
-                        partner[q, a] = order[q, a]
-                        slope[q, a] = 0
+                        partner[q, a] = -1
                     continue
                 d = best[s] - anchor_values[a]
                 if hinge:
@@ -235,22 +235,25 @@ def _build(numba, np) -> SimpleNamespace:
                     x = d / temperature
                     terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
                 if need_grad:
-                    partner[q, a] = order[q, at[s]]
-                    if hinge:
-                        slope[q, a] = 1 if d > 0 else 0
+                    if hinge:  # slope 1 on the partner, or no gradient at all (partner -1): no slope array
+                        partner[q, a] = order[q, at[s]] if d > 0 else -1
                     else:
+                        partner[q, a] = order[q, at[s]]
                         slope[q, a] = 1 / (1 + np.exp(-d / temperature))
 
     @jit
-    def hardest_pairs_backward(grad_terms, order, partner, slope, grad_sim):
-        """grad_sim[q, partner] += phi' * g and grad_sim[q, anchor] -= phi' * g for every anchor (grad_sim zeroed)."""
+    def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
+        """grad_sim[q, partner] += phi' * g and grad_sim[q, anchor] -= phi' * g for every anchor with a partner
+        (``partner >= 0``; ``phi' = 1`` for the hinge, ``slope`` otherwise); grad_sim comes zeroed."""
         num_queries, num_candidates = grad_terms.shape
         for q in range(num_queries):
             for a in range(num_candidates):
-                g = slope[q, a] * grad_terms[q, a]
-                if g != 0:
-                    grad_sim[q, order[q, a]] -= g
-                    grad_sim[q, partner[q, a]] += g
+                column = partner[q, a]
+                if column < 0:
+                    continue
+                g = grad_terms[q, a] if hinge else slope[q, a] * grad_terms[q, a]
+                grad_sim[q, order[q, a]] -= g
+                grad_sim[q, column] += g
 
     return SimpleNamespace(
         sort_rows_descending=sort_rows_descending,

@@ -348,15 +348,16 @@ class _HardestPairLoss(torch.autograd.Function):
         ctx.kernels = kernels
         if kernels is not None:  # one compiled pass per row: gather, deque sliding maximum, phi and phi'
             terms = torch.empty_like(sim)
-            shape = sim.shape if need_grad else (0, 0)
-            partner = torch.empty(shape, dtype=torch.int32)
-            slope = torch.empty(shape, dtype=sim.dtype)
+            hinge = surrogate == "hinge"
+            partner = torch.empty(sim.shape if need_grad else (0, 0), dtype=torch.int32)
+            slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
             kernels.hardest_pairs(
-                sim.detach().numpy(), order.contiguous().numpy(), start.contiguous().numpy(), int(width),
-                surrogate == "hinge", float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(),
+                sim.detach().numpy(), order.contiguous().numpy(), start.contiguous().numpy(), int(width), hinge,
+                float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(),
             )
             if need_grad:
                 ctx.save_for_backward(order, partner, slope)
+                ctx.hinge = hinge
             return terms
         sorted_sim = sim.gather(1, order)
         window_max, partner = _window_max(sorted_sim, start, width, need_argmax=need_grad)
@@ -371,10 +372,10 @@ class _HardestPairLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         order, partner, slope = ctx.saved_tensors
         if ctx.kernels is not None:
-            grad_sim = torch.zeros(slope.shape, dtype=slope.dtype)
-            grad_terms = grad_output.to(slope.dtype)  # often an expanded scalar (stride 0): read as it is
-            ctx.kernels.hardest_pairs_backward(
-                grad_terms.numpy(), order.contiguous().numpy(), partner.numpy(), slope.numpy(), grad_sim.numpy()
+            grad_sim = torch.zeros(partner.shape, dtype=grad_output.dtype)
+            ctx.kernels.hardest_pairs_backward(  # grad_output is often an expanded scalar (stride 0): read as it is
+                grad_output.numpy(), order.contiguous().numpy(), partner.numpy(), ctx.hinge, slope.numpy(),
+                grad_sim.numpy(),
             )
             return grad_sim, None, None, None, None, None
         g = torch.where(slope, grad_output, 0) if slope.dtype == torch.bool else slope * grad_output

@@ -126,7 +126,7 @@ def triplet_sn_loss(
     sim: torch.Tensor,
     positive_mask: torch.Tensor,
     margin: float = 0.2,
-    temperature: float = 0.05,
+    temperature: float = 0.1,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Triplet loss with soft negative mining, one retrieval direction (rows of ``sim`` are the queries).

@@ -125,7 +125,7 @@ def test_config_loss_kwargs_match_bcls_loss_signature():
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS
-    assert config.loss_kwargs()["kendall_window_size"] == 8 and config.loss_kwargs()["objective"] == "bcls"
+    assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["objective"] == "bcls"
 
 
 def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_config):
