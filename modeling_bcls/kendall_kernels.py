@@ -197,25 +197,20 @@ def _build(numba, np) -> SimpleNamespace:
                 best[b] = minus_inf
                 at[b] = 0
             if bounded:
+                # after a pass with shift h, best[j] = max of [j, j + span + h): doubling while the span fits, then one
+                # overlapping pass (h = w - span) that closes the window; ties keep the left (first) position
                 size = length
                 span = 1
-                while 2 * span <= width:  # best[j] = max of [j, j + 2 span), ties keep the left (first) position
-                    for j in range(size - span):
-                        right = best[j + span] > best[j]
-                        best_next[j] = best[j + span] if right else best[j]
-                        at_next[j] = at[j + span] if right else at[j]
-                    best, best_next = best_next, best
-                    at, at_next = at_next, at
-                    size -= span
-                    span *= 2
-                if span < width:  # overlapping halves [j, j + span) and [j + w - span, j + w)
-                    shift = width - span
+                while span < width:
+                    shift = span if 2 * span <= width else width - span
                     for j in range(size - shift):
                         right = best[j + shift] > best[j]
                         best_next[j] = best[j + shift] if right else best[j]
                         at_next[j] = at[j + shift] if right else at[j]
                     best, best_next = best_next, best
                     at, at_next = at_next, at
+                    size -= shift
+                    span += shift
             else:
                 for j in range(num_candidates - 2, -1, -1):  # suffix maximum
                     if best[j + 1] > best[j]:

@@ -604,7 +604,7 @@ def test_kendall_every_path_gives_the_same_losses_and_grads(monkeypatch, surroga
         with monkeypatch.context() as patch:
             use_path(patch, path)
             for gap in (0.0, 0.05, 0.25):
-                for window in (None, 1, 3, 8):
+                for window in (None, 1, 3, 5, 8, 32):
                     s = sim.clone().requires_grad_()
                     out = bcls_loss(s, torch.eye(40, 56, dtype=torch.bool), relevance, kendall_window_size=window,
                                     kendall_label_gap=gap, kendall_surrogate=surrogate)
