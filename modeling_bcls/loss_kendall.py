@@ -20,13 +20,18 @@ With ``window_size=None, hard_mining=False`` this is the all-pairs form
 ``sum_{q,j,k} 1[R_qj - R_qk > g] max(S_qk - S_qj, 0) / sum_{q,j,k} 1[R_qj - R_qk > g]``.
 
 Cost. Label side (depends on the labels only): one stable sort per row (:func:`relevance_sort_order`, which a
-collator can precompute and pass as ``sort_order``; on CPU it sorts packed int64 keys with NumPy's SIMD sort when
-NumPy is importable, else ``torch.sort``) and one ``searchsorted`` per row for the window starts, O(Nq Nc log Nc).
-Similarity side with hard mining: one gather into sorted order, a sliding maximum by doubling (``log2(w) + 1``
-elementwise maxima; a suffix ``cummax`` when unbounded), one gather of each anchor's window maximum, and two scatters
-in backward: O(Nq Nc log w) time and O(Nq Nc) memory, never an ``[Nq, Nc, Nc]`` tensor. Without hard mining all
-O(Nq Nc w) pairs (O(Nq Nc^2) when unbounded) are evaluated in blocks by a custom autograd function that recomputes
-them in backward, so memory stays O(Nq Nc) plus one block; only ``reduction="none"`` materialises the terms.
+collator can precompute and pass as ``sort_order``) and the window starts, which two pointers find in one pass over
+each sorted row. Similarity side with hard mining: the similarities in sorted order, a sliding maximum by doubling
+(``ceil(log2 w)`` elementwise maxima; a suffix maximum when unbounded), one lookup per anchor, and two scatters in
+backward: O(Nq Nc log w) time and O(Nq Nc) memory, never an ``[Nq, Nc, Nc]`` tensor.
+
+Two implementations compute exactly this. On CPU tensors with Numba available, the compiled kernels of
+:mod:`.kendall_kernels` (radix sort, fused label pass, one pass per row for the hardest pairs and their gradient).
+Otherwise (GPU tensors, no Numba, ``BCLS_DISABLE_NUMBA=1``) torch operations: ``torch.sort`` (or NumPy's SIMD sort of
+packed int64 keys for large CPU inputs), ``torch.searchsorted`` checked by the exact test, ``gather``, elementwise
+maxima and ``scatter_add``. Without hard mining all O(Nq Nc w) pairs (O(Nq Nc^2) when unbounded) are evaluated in
+blocks by a custom autograd function that recomputes them in backward, so memory stays O(Nq Nc) plus one block;
+only ``reduction="none"`` materialises the terms.
 """
 
 from __future__ import annotations
