@@ -16,10 +16,11 @@ Time O(Nq * Nc) for the sort and the window starts, O(Nq * Nc * log w) for the s
 unbounded); memory O(Nq * Nc). Ties of the maximum pick the first
 (lowest sorted position) partner, a valid subgradient.
 
-Numba is an install dependency of ``bcls``, but this module is optional at run time: :func:`get_kernels` returns
-``None`` when Numba cannot be imported (e.g. a model loaded with ``trust_remote_code`` in an environment without it)
-or when ``BCLS_DISABLE_NUMBA=1``, and the loss then runs its pure-torch path. The kernels are compiled on first use
-(about a second each per dtype) and cached on disk by Numba.
+Numba is an install dependency of ``bcls``, but this module is optional at run time (:mod:`.loss_kendall` imports it
+on first use of the loss): :func:`get_kernels` returns ``None`` when Numba cannot be imported (e.g. a model loaded
+with ``trust_remote_code`` in an environment without it) or when ``BCLS_DISABLE_NUMBA=1``, and the loss then runs
+its pure-torch path. The kernels are compiled on first use (about a second each per dtype) and cached on disk by
+Numba (module-level functions, so that the cache also serves kernels that call other kernels).
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from types import SimpleNamespace
 from typing import Optional
 
 
-_KERNELS: Optional[SimpleNamespace] = None
-_TRIED = False
+try:  # (a try block: transformers' remote-code import check does not require what is imported here)
+    import numba
+    import numpy as np
+except ImportError:
+    numba = None
 
 
-def _build(numba, np) -> SimpleNamespace:
-    jit = numba.njit(cache=True, nogil=True)
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True)
 
-    @jit
+    @_jit
     def radix_sort_row(bits, packed, packed_out, histogram, order):
         """order[:] = the columns of one row of float32 bit patterns in descending label order, equal labels in column
         order: an LSD radix sort (4 byte digits; a digit shared by the whole row is skipped) of ``key << 32 | column``
@@ -78,7 +82,7 @@ def _build(numba, np) -> SimpleNamespace:
         for i in range(num_candidates):
             order[i] = src[i] & np.uint64(0xFFFFFFFF)
 
-    @numba.njit(inline="always")
+    @_jit
     def window_start_step(row, out, a, p, gap):
         """One step of the two-pointer merge of a descending row: either partner pointer ``p`` passes a position
         still within the gap of anchor ``a`` (``R_a - R_p <= g``), or ``a`` is done (``out[a] = p``) and moves on.
@@ -95,7 +99,7 @@ def _build(numba, np) -> SimpleNamespace:
         p = p if p > a else a + 1
         return a, p
 
-    @jit
+    @_jit
     def window_starts_rows(sorted_rel, gap, start, first, last):
         """start[q, a] for rows first <= q < last: first sorted position b > a with ``R_a - R_b > g`` (Nc if none).
 
@@ -121,7 +125,7 @@ def _build(numba, np) -> SimpleNamespace:
                 a, p = window_start_step(row, out, a, p, gap)
             q += 1
 
-    @jit
+    @_jit
     def sort_rows_descending(bits, order):
         """order[q] = ``torch.sort(values[q], descending=True, stable=True).indices`` for the float32 bit patterns
         ``bits`` [Nq, Nc] (int32 view of finite labels)."""
@@ -132,12 +136,12 @@ def _build(numba, np) -> SimpleNamespace:
         for q in range(num_queries):
             radix_sort_row(bits[q], packed, packed_out, histogram, order[q])
 
-    @jit
+    @_jit
     def window_starts(sorted_rel, gap, start):
         """sorted_rel: [Nq, Nc] descending rows; gap: scalar of the same dtype; start: int [Nq, Nc] output."""
         window_starts_rows(sorted_rel, gap, start, 0, sorted_rel.shape[0])
 
-    @jit
+    @_jit
     def label_windows(bits, values, gap, given_order, order, start, status):
         """Sort order and window starts of every row in one pass over the labels (rows are sorted into a small
         block buffer that stays in cache, then their starts are merged four at a time).
@@ -169,7 +173,7 @@ def _build(numba, np) -> SimpleNamespace:
                         sorted_values[b] = values[q, order[q, b]]
             window_starts_rows(sorted_block[:rows], gap, start[first : first + rows], 0, rows)
 
-    @jit
+    @_jit
     def hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
         """terms[q, a] = phi(max_{b in W_a} S[q, order[q, b]] - S[q, order[q, a]]) (0 for an empty window);
         when need_grad, partner[q, a] = column of the maximum (-1 where phi' = 0: empty window, or hinge with
@@ -236,7 +240,7 @@ def _build(numba, np) -> SimpleNamespace:
                         partner[q, a] = order[q, at[s]]
                         slope[q, a] = 1 / (1 + np.exp(-d / temperature))
 
-    @jit
+    @_jit
     def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
         """grad_sim[q, partner] += phi' * g and grad_sim[q, anchor] -= phi' * g for every anchor with a partner
         (``partner >= 0``; ``phi' = 1`` for the hinge, ``slope`` otherwise); grad_sim comes zeroed."""
@@ -250,7 +254,10 @@ def _build(numba, np) -> SimpleNamespace:
                 grad_sim[q, order[q, a]] -= g
                 grad_sim[q, column] += g
 
-    return SimpleNamespace(
+
+_KERNELS = None
+if numba is not None:
+    _KERNELS = SimpleNamespace(
         sort_rows_descending=sort_rows_descending,
         label_windows=label_windows,
         window_starts=window_starts,
@@ -261,16 +268,6 @@ def _build(numba, np) -> SimpleNamespace:
 
 def get_kernels() -> Optional[SimpleNamespace]:
     """The compiled kernels, or ``None`` when Numba is unavailable or ``BCLS_DISABLE_NUMBA`` is set to a true value."""
-    global _KERNELS, _TRIED
     if os.environ.get("BCLS_DISABLE_NUMBA", "").lower() in ("1", "true", "yes"):
         return None
-    if not _TRIED:
-        _TRIED = True
-        try:  # (a try block: transformers' remote-code import check does not require what is imported here)
-            import numba
-            import numpy
-        except ImportError:
-            _KERNELS = None
-        else:
-            _KERNELS = _build(numba, numpy)
     return _KERNELS

@@ -44,7 +44,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .kendall_kernels import get_kernels
 from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _check_sim, _empty_terms, _reduce
 
 
@@ -78,6 +77,14 @@ def _numpy():
         return importlib.import_module("numpy")
     except ImportError:  # pragma: no cover
         return None
+
+
+def get_kernels():
+    """:func:`.kendall_kernels.get_kernels`, imported on first use (importing Numba costs about half a second, which
+    inference alone never pays)."""
+    from .kendall_kernels import get_kernels as kernels_if_available
+
+    return kernels_if_available()
 
 
 def _cpu_kernels(*tensors: torch.Tensor):
