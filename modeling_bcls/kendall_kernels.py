@@ -100,12 +100,14 @@ if numba is not None:
         return a, p
 
     @_jit
-    def window_starts_rows(sorted_rel, gap, start, first, last):
-        """start[q, a] for rows first <= q < last: first sorted position b > a with ``R_a - R_b > g`` (Nc if none).
+    def window_starts(sorted_rel, gap, start):
+        """start[q, a] = first sorted position b > a with ``R_a - R_b > g`` (Nc if none), for descending rows
+        ``sorted_rel`` [Nq, Nc], ``gap`` a scalar of their dtype and ``start`` an int [Nq, Nc] output.
 
         ``start`` is non-decreasing in ``a`` (the exact test is monotone in both positions), so two pointers merge the
         row in at most 2 Nc steps; four rows are merged in lockstep to overlap their dependency chains."""
-        q = first
+        last = sorted_rel.shape[0]
+        q = 0
         while q + 4 <= last:
             r0, r1, r2, r3 = sorted_rel[q], sorted_rel[q + 1], sorted_rel[q + 2], sorted_rel[q + 3]
             o0, o1, o2, o3 = start[q], start[q + 1], start[q + 2], start[q + 3]
@@ -137,11 +139,6 @@ if numba is not None:
             radix_sort_row(bits[q], packed, packed_out, histogram, order[q])
 
     @_jit
-    def window_starts(sorted_rel, gap, start):
-        """sorted_rel: [Nq, Nc] descending rows; gap: scalar of the same dtype; start: int [Nq, Nc] output."""
-        window_starts_rows(sorted_rel, gap, start, 0, sorted_rel.shape[0])
-
-    @_jit
     def label_windows(bits, values, gap, given_order, order, start, status):
         """Sort order and window starts of every row in one pass over the labels (rows are sorted into a small
         block buffer that stays in cache, then their starts are merged four at a time).
@@ -171,7 +168,7 @@ if numba is not None:
                     radix_sort_row(bits[q], packed, packed_out, histogram, order[q])
                     for b in range(num_candidates):
                         sorted_values[b] = values[q, order[q, b]]
-            window_starts_rows(sorted_block[:rows], gap, start[first : first + rows], 0, rows)
+            window_starts(sorted_block[:rows], gap, start[first : first + rows])
 
     @_jit
     def hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
