@@ -323,6 +323,28 @@ class BCLSModel(BCLSPreTrainedModel):
         """
         return _l2_normalize_fp32(self.text_projection(self._pool_text(input_ids, attention_mask, **tower_kwargs)))
 
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True, **tower_kwargs) -> torch.Tensor:
+        r"""
+        Search embeddings of images, float32 [N, projection_dim]: W_v pool(vision_tower(pixel_values)), L2-normalised
+        when `normalize` (open_clip's `encode_image`). The one call to use for indexing and search.
+        """
+        features = self.visual_projection(self._pool_image(pixel_values, **tower_kwargs))
+        return _l2_normalize_fp32(features) if normalize else features.float()
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        **tower_kwargs,
+    ) -> torch.Tensor:
+        r"""
+        Search embeddings of texts, float32 [N, projection_dim]: W_t pool(text_tower(input_ids, attention_mask)),
+        L2-normalised when `normalize` (open_clip's `encode_text`).
+        """
+        features = self.text_projection(self._pool_text(input_ids, attention_mask, **tower_kwargs))
+        return _l2_normalize_fp32(features) if normalize else features.float()
+
     # ----------------------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------------------

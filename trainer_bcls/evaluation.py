@@ -64,7 +64,7 @@ def encode_images(model, processor, images, batch_size: int = 64, show_progress:
     for start in tqdm(range(0, len(images), batch_size), desc="Embedding images", disable=not show_progress):
         batch = [_to_rgb(image) for image in images[start : start + batch_size]]
         pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device, model.dtype)
-        embeds.append(model.get_image_features(pixel_values=pixel_values).float().cpu())
+        embeds.append(model.encode_image(pixel_values).float().cpu())
     if not embeds:
         return torch.zeros(0, model.config.projection_dim)
     return torch.cat(embeds)
@@ -87,7 +87,7 @@ def encode_texts(
             max_length=max_length,
             return_tensors="pt",
         )
-        features = model.get_text_features(
+        features = model.encode_text(
             input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
         )
         embeds[torch.as_tensor(rows)] = features.float().cpu()
