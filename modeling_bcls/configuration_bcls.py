@@ -19,7 +19,7 @@ PoolingMode = Literal["auto", "pooler", "mean", "cls"]
 
 # Keyword arguments of `losses.bcls_loss` that the config owns (the per-batch tensors are not config).
 LOSS_KWARG_NAMES = (
-    "objective",
+    "binary_loss",
     "margin",
     "soft_negative_temperature",
     "kendall_weight",
@@ -53,8 +53,13 @@ class BCLSConfig(PreTrainedConfig):
         vision_pooling (`str`, *optional*, defaults to `"auto"`):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
             feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
-        objective (`str`, *optional*, defaults to `"bcls"`):
-            `"bcls"` (Triplet-SN + Kendall), `"triplet_sn"`, `"vse"` (VSE++ hardest-negative triplet) or `"infonce"`.
+        binary_loss (`str`, *optional*, defaults to `"triplet_sn"`):
+            The binary-label term: `"triplet_sn"` (Triplet-SN), `"vse"` (VSE++ exact hardest-negative triplet) or
+            `"infonce"` (CLIP's InfoNCE). The Kendall term (`kendall_weight`) is added to whichever is chosen.
+        objective (`str`, *optional*):
+            Legacy name of a (binary loss, Kendall on/off) pair, translated at construction and then stored as None:
+            `"bcls"` = Triplet-SN + Kendall, `"triplet_sn"` / `"vse"` / `"infonce"` = that binary loss with
+            `kendall_weight=0`. Old `config.json` files that carry it load unchanged in meaning.
         margin (`float`, *optional*, defaults to 0.2):
             Triplet margin alpha.
         soft_negative_temperature (`float`, *optional*, defaults to 0.1):
@@ -103,7 +108,8 @@ class BCLSConfig(PreTrainedConfig):
     vision_pooling: PoolingMode = "auto"
 
     # Loss hyperparameters (see `losses.bcls_loss`).
-    objective: Literal["bcls", "triplet_sn", "vse", "infonce"] = "bcls"
+    binary_loss: Literal["triplet_sn", "vse", "infonce"] = "triplet_sn"
+    objective: Literal["bcls", "triplet_sn", "vse", "infonce"] | None = None
     margin: float | int = 0.2
     soft_negative_temperature: float | int = 0.1
     kendall_weight: float | int = 0.2
@@ -113,6 +119,14 @@ class BCLSConfig(PreTrainedConfig):
     kendall_temperature: float | int = 0.1
     kendall_hard_mining: bool = True
     infonce_temperature: float | int = 0.05
+
+    def __post_init__(self, **kwargs):
+        if self.objective is not None:  # legacy name -> the two knobs (same table as `losses.OBJECTIVES`)
+            self.binary_loss = "triplet_sn" if self.objective == "bcls" else self.objective
+            if self.objective != "bcls":
+                self.kendall_weight = 0.0
+            self.objective = None
+        super().__post_init__(**kwargs)
 
     def validate_bcls_hyperparameters(self):
         """Range checks (run by `@strict` after `__init__`); types and choices are checked per field."""

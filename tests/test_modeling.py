@@ -124,8 +124,8 @@ def test_config_loss_kwargs_match_bcls_loss_signature():
         for name, p in inspect.signature(bcls_loss).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS
-    assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["objective"] == "bcls"
+    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS - {"objective"}  # legacy name, translated
+    assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["binary_loss"] == "triplet_sn"
 
 
 def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_config):
@@ -143,6 +143,7 @@ def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_
     for bad in (
         {"text_pooling": "max"},
         {"objective": "contrastive"},
+        {"binary_loss": "bcls"},
         {"margin": -0.1},
         {"infonce_temperature": 0.0},
         {"kendall_window_size": 0},
