@@ -44,6 +44,10 @@ class BCLSConfig(PreTrainedConfig):
             Config of the text tower; any encoder-only `AutoConfig` model type (default: a BERT config).
         projection_dim (`int`, *optional*, defaults to 256):
             Width D of the shared embedding space; both projections are `nn.Linear(hidden, D, bias=False)`.
+        projection_hidden_dim (`int`, *optional*):
+            `None` (default): the projections are bias-free linear maps, as in CLIP. An integer H: each projection is
+            an MLP `Linear(hidden, H) -> GELU -> Linear(H, D)` (open_clip's `proj_type="mlp"`), which is what a
+            locked (frozen) tower needs to adapt its features (see `benchmarks/RESULTS.md`).
         text_pooling (`str`, *optional*, defaults to `"auto"`):
             How a caption becomes one vector before projection. `"pooler"`: the tower's `pooler_output` (CLIP text:
             the EOS token; BERT: tanh(W h_[CLS])). `"mean"`: mean of `last_hidden_state` over the attention mask,
@@ -104,6 +108,7 @@ class BCLSConfig(PreTrainedConfig):
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
     projection_dim: int = 256
+    projection_hidden_dim: int | None = None
     text_pooling: PoolingMode = "auto"
     vision_pooling: PoolingMode = "auto"
 
@@ -132,6 +137,8 @@ class BCLSConfig(PreTrainedConfig):
         """Range checks (run by `@strict` after `__init__`); types and choices are checked per field."""
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
+        if self.projection_hidden_dim is not None and self.projection_hidden_dim < 1:
+            raise ValueError(f"projection_hidden_dim must be None (linear) or >= 1, got {self.projection_hidden_dim}")
         for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
