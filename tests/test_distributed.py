@@ -33,11 +33,13 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, synthetic
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["world"] == 2
-        assert result["reference_kendall"] > 0  # the Kendall term is active in this batch
-        assert result["global_loss_mean"] == pytest.approx(result["reference_loss"], abs=1e-6)
-        assert result["cached_loss_mean"] == pytest.approx(result["reference_loss"], abs=1e-6)
-        assert result["max_grad_diff"] <= 1e-5
-        assert result["max_cached_grad_diff"] <= 1e-5
+        for binary_loss in ("triplet_sn", "vse", "infonce"):  # each binary term + Kendall
+            check = result[binary_loss]
+            assert check["reference_kendall"] > 0  # the Kendall term is active in this batch
+            assert check["global_loss_mean"] == pytest.approx(check["reference_loss"], abs=1e-6)
+            assert check["cached_loss_mean"] == pytest.approx(check["reference_loss"], abs=1e-6)
+            assert check["max_grad_diff"] <= 1e-5
+            assert check["max_cached_grad_diff"] <= 1e-5
 
 
 def test_train_script_runs_with_two_processes(tmp_path, synthetic_dir):

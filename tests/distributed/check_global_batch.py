@@ -53,43 +53,46 @@ def main(out_dir: str, data_dir: str) -> None:
     ddp_model = accelerator.prepare(model)
     unwrapped = accelerator.unwrap_model(ddp_model)
     features = ("pixel_values", "input_ids", "attention_mask")
+    result = {"rank": rank, "world": world}
+    # Every binary loss with the Kendall term on top (the composable objective).
+    for binary_loss in ("triplet_sn", "vse", "infonce"):
+        reference.config.binary_loss = unwrapped.config.binary_loss = binary_loss
 
-    # Reference: one process, whole batch, the model's own loss.
-    reference.zero_grad()
-    ref_out = reference(**full)
-    ref_out.loss.backward()
-    ref_grads = grads_of(reference)
+        # Reference: one process, whole batch, the model's own loss.
+        reference.zero_grad()
+        ref_out = reference(**full)
+        ref_out.loss.backward()
+        ref_grads = grads_of(reference)
 
-    # Global batch across processes, through DDP.
-    out = ddp_model(**{k: local[k] for k in features}, return_loss=False)
-    loss = global_bcls_loss(unwrapped.config, out.image_embeds, out.text_embeds, local, relevance)["loss"]
-    loss.backward()
-    ddp_grads = grads_of(unwrapped)
-    mean_loss = accelerator.reduce(loss.detach().clone(), reduction="mean").item()
+        # Global batch across processes, through DDP.
+        unwrapped.zero_grad()
+        out = ddp_model(**{k: local[k] for k in features}, return_loss=False)
+        loss = global_bcls_loss(unwrapped.config, out.image_embeds, out.text_embeds, local, relevance)["loss"]
+        loss.backward()
+        ddp_grads = grads_of(unwrapped)
+        mean_loss = accelerator.reduce(loss.detach().clone(), reduction="mean").item()
 
-    # Gradient caching across processes (chunks of 2 rows), gradients averaged like DDP.
-    unwrapped.zero_grad()
-    cached_loss, _, _ = cached_embeddings(
-        unwrapped,
-        {k: local[k] for k in features},
-        chunk_size=2,
-        loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, local, relevance),
-        sync_gradients=True,
-    )
-    cached_loss.backward()
-    cached_grads = grads_of(unwrapped)
-    cached_mean = accelerator.reduce(cached_loss.detach().clone(), reduction="mean").item()
+        # Gradient caching across processes (chunks of 2 rows), gradients averaged like DDP.
+        unwrapped.zero_grad()
+        cached_loss, _, _ = cached_embeddings(
+            unwrapped,
+            {k: local[k] for k in features},
+            chunk_size=2,
+            loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, local, relevance),
+            sync_gradients=True,
+        )
+        cached_loss.backward()
+        cached_grads = grads_of(unwrapped)
+        cached_mean = accelerator.reduce(cached_loss.detach().clone(), reduction="mean").item()
 
-    result = {
-        "rank": rank,
-        "world": world,
-        "reference_loss": ref_out.loss.item(),
-        "global_loss_mean": mean_loss,
-        "cached_loss_mean": cached_mean,
-        "max_grad_diff": max_grad_diff(ddp_grads, ref_grads),
-        "max_cached_grad_diff": max_grad_diff(cached_grads, ref_grads),
-        "reference_kendall": ref_out.loss_kendall.item(),
-    }
+        result[binary_loss] = {
+            "reference_loss": ref_out.loss.item(),
+            "global_loss_mean": mean_loss,
+            "cached_loss_mean": cached_mean,
+            "max_grad_diff": max_grad_diff(ddp_grads, ref_grads),
+            "max_cached_grad_diff": max_grad_diff(cached_grads, ref_grads),
+            "reference_kendall": ref_out.loss_kendall.item(),
+        }
     Path(out_dir, f"result-{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
 
