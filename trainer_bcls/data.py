@@ -445,6 +445,32 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _split_of_dataset(dataset: Dataset, split: str | Sequence[str], where: str) -> Dataset:
+    """The rows of ``split`` in a single ``Dataset`` (not a ``DatasetDict``).
+
+    A ``Dataset`` holds one split: the one it was created or saved as (``dataset.split``, e.g. ``"validation"``
+    for ``load_dataset(..., split="validation")``), or ``"train"`` when it has no split name (``Dataset.from_dict``;
+    the convention of ``datasets.load_dataset`` for plain data files). A ``split`` column, when present, names the
+    split of each row instead, as in imagefolder metadata. Any other split name is an error listing what exists,
+    so that a training split is never silently evaluated on as well.
+    """
+    if "split" in dataset.column_names:
+        values = dataset.select_columns(["split"]).with_format("arrow")[:].column("split").to_pylist()
+        splits = _resolve_splits(split, set(values), f"the 'split' column of {where}")
+        rows = [i for i, value in enumerate(values) if value in splits]
+        selected = dataset.select(rows)
+        if "image_id" in selected.column_names and "caption_id" in selected.column_names:
+            selected = densify_ids(selected)
+        return selected
+    own = str(dataset.split) if dataset.split is not None else "train"
+    wanted = [split] if isinstance(split, str) else list(split)
+    if all(s == own for s in wanted):
+        return dataset
+    hint = "" if dataset.split is not None else " (a Dataset without a split name is the 'train' split)"
+    _resolve_splits(split, {own}, f"{where}, a single datasets.Dataset{hint}")
+    return dataset
+
+
 def load_hf_dataset(
     dataset: str | os.PathLike | Dataset | DatasetDict,
     split: str = "train",
@@ -467,8 +493,12 @@ def load_hf_dataset(
         image_id_column: rows sharing this column's value are one image (datasets with one row per caption);
             without it every row is a distinct image.
     An already built pair view (with ``image_id``/``caption_id``) is returned as is, after checking its ids.
+
+    ``split`` picks a split of a ``DatasetDict``; of a single ``Dataset`` see :func:`_split_of_dataset` (its own
+    split name, ``"train"`` without one, or its ``split`` column); an unknown split is an error listing what exists.
     """
     name = dataset if isinstance(dataset, str) else None
+    split_applied = False  # datasets.load_dataset(split=split) already picked the rows of `split`
     if isinstance(dataset, (str, os.PathLike)):
         path = Path(dataset)
         if path.is_dir() and _is_saved_dataset(path):
@@ -476,9 +506,12 @@ def load_hf_dataset(
             name = str(path)
         else:
             dataset = load_dataset(str(dataset), split=split, **load_kwargs)
+            split_applied = True
     if isinstance(dataset, DatasetDict):
         splits = _resolve_splits(split, set(dataset), name or "the DatasetDict")
         dataset = dataset[splits.pop()]
+    elif isinstance(dataset, Dataset) and not split_applied:
+        dataset = _split_of_dataset(dataset, split, name or "the dataset")
     if not isinstance(dataset, Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
     where = name or "the dataset"
