@@ -87,3 +87,39 @@ def test_train_script_refuses_to_evaluate_on_the_training_rows(tmp_path):
         train.main(common + ["--eval_split", "train"])
     metrics = train.main(common + ["--eval_split", "none"])
     assert not any(key.startswith("eval_") for key in metrics)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. metadata.csv: Python-style list captions, byte order mark
+
+
+def write_csv(folder: Path, text: str, encoding: str = "utf-8") -> None:
+    for name in ("a.png", "b.png"):
+        write_image(folder / name)
+    (folder / "metadata.csv").write_bytes(text.encode(encoding))
+
+
+def test_csv_python_list_captions_are_parsed_like_json_lists(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"file_name": ["a.png", "b.png"], "captions": [["a dog", "it's a cat"], ['a "red" car']]})
+    frame.to_csv(tmp_path / "metadata.csv", index=False)  # pandas writes the lists as Python reprs
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    pairs = load_imagefolder(tmp_path, "train")
+    assert pairs["caption"] == ["a dog", "it's a cat", 'a "red" car']
+    assert pairs["image_id"] == [0, 0, 1]
+
+
+def test_csv_bracketed_text_that_is_no_list_stays_one_caption_and_code_is_not_run(tmp_path):
+    write_csv(tmp_path, 'file_name,caption\na.png,"[sic] a dog [laughs]"\nb.png,"[__import__(\'os\').getcwd()]"\n')
+    pairs = load_imagefolder(tmp_path, "train")
+    assert pairs["caption"] == ["[sic] a dog [laughs]", "[__import__('os').getcwd()]"]
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    write_csv(tmp_path, "file_name,caption\na.png,a dog\nb.png,a cat\n", encoding="utf-8-sig")
+    assert load_imagefolder(tmp_path, "train")["caption"] == ["a dog", "a cat"]
+    (tmp_path / "metadata.csv").unlink()
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "caption": "a dog"}\n'.encode("utf-8-sig"))
+    assert load_imagefolder(tmp_path, "train")["caption"] == ["a dog"]

@@ -24,6 +24,7 @@ splits of at most ``AUTO_CHECK_MAX_IMAGES`` images (about 1 s per 5k small JPEGs
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
@@ -316,7 +317,7 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a metadata.jsonl / metadata.csv file."""
     rows = []
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte order mark is not part of the data
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -328,7 +329,7 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
                     raise InvalidDataError(f"{path} line {line_no}: expected a JSON object")
                 rows.append((line_no, row))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # else a BOM would prefix the first column's name
             reader = csv.DictReader(f)
             for row in reader:
                 rows.append((reader.line_num, row))
@@ -336,7 +337,12 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
 
 
 def _as_caption_list(value: Any) -> list[Any]:
-    """A metadata caption cell → list of captions (a CSV cell holding a JSON list counts as a list)."""
+    """A metadata caption cell → list of captions.
+
+    A string cell that is a list literal counts as a list: JSON (``["a dog", "a cat"]``) or Python
+    (``['a dog', 'a cat']``, as pandas writes a list column to CSV), the latter read with ``ast.literal_eval``, which
+    evaluates literals only (never code). Bracketed text that is neither (``[sic] a dog]``) stays one caption.
+    """
     if value is None:
         return []
     if isinstance(value, list):
@@ -345,9 +351,12 @@ def _as_caption_list(value: Any) -> list[Any]:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
-            return [value]
-        if isinstance(parsed, list):
-            return parsed
+            try:
+                parsed = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return [value]
+        if isinstance(parsed, (list, tuple)):
+            return list(parsed)
     return [value]
 
 
@@ -378,7 +387,8 @@ def load_imagefolder(
     """Pair view of an HF-imagefolder-style folder with ``metadata.jsonl`` or ``metadata.csv``.
 
     Each metadata row has ``file_name`` (relative to the metadata file) and its captions: a ``caption`` string or a
-    ``captions`` list (in CSV, a JSON list such as ``["a dog", "a brown dog"]``); ``caption_column`` may name other
+    ``captions`` list (in CSV, a JSON list such as ``["a dog", "a brown dog"]`` or a Python one as pandas writes it,
+    ``['a dog', 'a brown dog']``); a UTF-8 byte order mark is ignored; ``caption_column`` may name other
     columns (a list of columns contributes one caption each). Each ``file_name`` must appear once.
     Split lookup: ``<path>/<split>/metadata.*`` (``val``/``validation`` aliases), else ``<path>/metadata.*`` filtered by
     its ``split`` column if it has one; a flat folder without a split column is the ``"train"`` split.
