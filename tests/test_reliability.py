@@ -123,3 +123,51 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     (tmp_path / "metadata.csv").unlink()
     (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "caption": "a dog"}\n'.encode("utf-8-sig"))
     assert load_imagefolder(tmp_path, "train")["caption"] == ["a dog"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. 16-bit and float images
+
+
+def gradient16() -> np.ndarray:
+    return (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_images_are_rescaled_from_their_mode_range_not_clipped(mode):
+    from trainer_bcls.image_loading import load_image, to_rgb
+
+    values = gradient16()
+    if mode == "I;16":
+        image, expected = PIL.Image.fromarray(values), np.rint(values / 257.0)
+    elif mode == "I":
+        image, expected = PIL.Image.fromarray(values.astype(np.int32)), np.rint(values / 257.0)
+    else:
+        unit = values.astype(np.float32) / 65535.0
+        image, expected = PIL.Image.fromarray(unit), np.rint(np.clip(unit, 0, 1) * 255.0)
+    assert image.mode == mode
+    for rgb in (to_rgb(image), load_image(image)):
+        pixels = np.asarray(rgb)
+        assert rgb.mode == "RGB" and pixels.dtype == np.uint8
+        assert (pixels == expected.astype(np.uint8)[..., None]).all()
+    clipped = np.asarray(image.convert("RGB"))  # what convert("RGB") alone did: white (I;16, I) or black (F)
+    assert np.isin(clipped, (0, 255)).mean() > 0.9
+
+
+def test_sixteen_bit_png_in_training_evaluation_and_retrieval(tmp_path, tiny_processor):
+    from trainer_bcls.collator import BCLSDataCollator
+    from trainer_bcls.evaluation import _to_rgb
+    from trainer_bcls.image_loading import load_image
+
+    path = tmp_path / "deep.png"
+    PIL.Image.fromarray(gradient16()).save(path)
+    expected = np.rint(gradient16() / 257.0).astype(np.uint8)
+    assert PIL.Image.open(path).mode in ("I;16", "I")
+    assert (np.asarray(load_image(str(path)))[..., 0] == expected).all()  # training (collator) path
+    decoded = Image().decode_example({"path": str(path), "bytes": None})  # datasets' decoding, evaluation path
+    assert (np.asarray(_to_rgb(decoded))[..., 0] == expected).all()
+    retrieve = load_example("retrieve")
+    _, images = retrieve.load_images(tmp_path)
+    assert (np.asarray(images[0])[..., 0] == expected).all()
+    batch = BCLSDataCollator(tiny_processor)([{"image": str(path), "caption": "a ramp", "image_id": 0, "caption_id": 0}])
+    assert batch["pixel_values"].std() > 0.1  # not a flat white image
