@@ -171,3 +171,83 @@ def test_sixteen_bit_png_in_training_evaluation_and_retrieval(tmp_path, tiny_pro
     assert (np.asarray(images[0])[..., 0] == expected).all()
     batch = BCLSDataCollator(tiny_processor)([{"image": str(path), "caption": "a ramp", "image_id": 0, "caption_id": 0}])
     assert batch["pixel_values"].std() > 0.1  # not a flat white image
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. BCLS weights that do not load; folders that are no BCLS model; truncated weights files
+
+
+@pytest.fixture
+def saved_model(tmp_path, tiny_bcls_model):
+    tiny_bcls_model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_or_unexpected_weights_are_an_error(saved_model, tiny_bcls_model):
+    import torch
+    from transformers import AutoModel
+
+    from modeling_bcls import BCLSModel
+
+    loaded = BCLSModel.from_pretrained(saved_model)  # a whole folder loads (and round-trips)
+    assert torch.equal(loaded.visual_projection.weight, tiny_bcls_model.visual_projection.weight)
+    rewrite_weights(saved_model, lambda state: state.pop("visual_projection.weight"))
+    with pytest.raises(ValueError, match=r"missing: \['visual_projection.weight'\]"):
+        BCLSModel.from_pretrained(saved_model)
+    with pytest.raises(ValueError, match="visual_projection.weight"):
+        AutoModel.from_pretrained(saved_model)  # the Auto class goes through the same check
+    lenient = BCLSModel.from_pretrained(saved_model, strict=False)
+    assert not torch.equal(lenient.visual_projection.weight, tiny_bcls_model.visual_projection.weight)
+    rewrite_weights(saved_model, lambda state: state.update({"visual_projection.weight": torch.zeros(16, 32),
+                                                             "extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected: \['extra.weight'\]"):
+        BCLSModel.from_pretrained(saved_model)
+
+
+def test_evaluate_script_fails_on_a_model_whose_weights_did_not_load(saved_model, tiny_processor, tmp_path):
+    tiny_processor.save_pretrained(saved_model)
+    rewrite_weights(saved_model, lambda state: state.pop("text_projection.weight"))
+    with pytest.raises(ValueError, match="text_projection.weight"):
+        load_example("evaluate").main(["--model", str(saved_model), "--output_dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_a_folder_of_another_model_type_says_what_it_is(tmp_path, tiny_bert_config):
+    from transformers import BertModel
+
+    from modeling_bcls import BCLSModel
+
+    BertModel(tiny_bert_config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(TypeError, match=r"bert.* is a 'bert' model .*not a BCLS model.*from_vision_text_pretrained"):
+        BCLSModel.from_pretrained(tmp_path / "bert")
+
+
+@pytest.mark.parametrize("keep", [5, 100, -100])
+def test_a_truncated_weights_file_is_named(saved_model, keep):
+    from modeling_bcls import BCLSModel
+
+    weights = saved_model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    with pytest.raises(OSError, match=r"model\.safetensors: .*(truncated|shorter)"):
+        BCLSModel.from_pretrained(saved_model)
+
+
+def test_from_vision_text_pretrained_still_makes_new_projections(tmp_path, tiny_vit_config, tiny_bert_config):
+    from transformers import BertModel, ViTModel
+
+    from modeling_bcls import BCLSModel
+
+    ViTModel(tiny_vit_config).save_pretrained(tmp_path / "vit")
+    BertModel(tiny_bert_config).save_pretrained(tmp_path / "bert")
+    model = BCLSModel.from_vision_text_pretrained(str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=8)
+    model.save_pretrained(tmp_path / "bcls")
+    assert BCLSModel.from_pretrained(tmp_path / "bcls").visual_projection.weight.shape == (8, 32)
