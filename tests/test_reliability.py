@@ -251,3 +251,40 @@ def test_from_vision_text_pretrained_still_makes_new_projections(tmp_path, tiny_
     model = BCLSModel.from_vision_text_pretrained(str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=8)
     model.save_pretrained(tmp_path / "bcls")
     assert BCLSModel.from_pretrained(tmp_path / "bcls").visual_projection.weight.shape == (8, 32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. batches without negatives
+
+
+def no_negative_trainer(synthetic_dir, tmp_path, pairs, **overrides):
+    from trainer_bcls import BCLSDataCollator, BCLSTrainer, BCLSTrainingArguments, build_tiny_model_and_processor
+
+    model, processor = build_tiny_model_and_processor(pairs["caption"], image_size=32, projection_dim=16)
+    arguments = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=10,
+                     learning_rate=1e-3, eval_strategy="no", save_strategy="no", disable_tqdm=True, use_cpu=True,
+                     report_to="none", train_sampling_strategy="sequential", logging_steps=100)
+    arguments.update(overrides)
+    return BCLSTrainer(model=model, args=BCLSTrainingArguments(**arguments), train_dataset=pairs,
+                       data_collator=BCLSDataCollator(processor, max_length=32), processing_class=processor)
+
+
+def test_batches_without_negatives_are_counted_and_reported_once(synthetic_dir, tmp_path, caplog):
+    pairs = load_pairs(str(synthetic_dir), "train").select(range(40))  # 8 images x 5 captions, in order
+    image_ids = np.asarray(pairs["image_id"])
+    expected = sum(len(set(image_ids[k : k + 4])) == 1 for k in range(0, 40, 4))  # brute force: batches of one image
+    assert expected == 4
+    trainer = no_negative_trainer(synthetic_dir, tmp_path, pairs)
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.trainer"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "no negative" in r.getMessage()]
+    assert warnings == [f"{expected} of 10 training batches had no negative (every pair of one image): their loss is "
+                        "0 and they trained nothing. Use larger batches, or data with fewer captions per image."]
+
+
+def test_batch_size_one_without_a_global_batch_refuses_to_start(synthetic_dir, tmp_path):
+    pairs = load_pairs(str(synthetic_dir), "train").select(range(10))
+    trainer = no_negative_trainer(synthetic_dir, tmp_path, pairs, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1 .*no negative"):
+        trainer.train()
+    assert trainer.state.global_step == 0
