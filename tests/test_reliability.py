@@ -288,3 +288,57 @@ def test_batch_size_one_without_a_global_batch_refuses_to_start(synthetic_dir, t
     with pytest.raises(ValueError, match="per_device_train_batch_size=1 .*no negative"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --resume_from_checkpoint True / last, half-written checkpoints
+
+
+def fake_checkpoint(folder: Path, complete: bool = True) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(4)}, folder / "model.safetensors")
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
+    return folder
+
+
+def test_resolve_checkpoint_latest_skips_and_names_half_written_ones(tmp_path, caplog):
+    from trainer_bcls.checkpoints import resolve_checkpoint
+
+    fake_checkpoint(tmp_path / "checkpoint-2")
+    fake_checkpoint(tmp_path / "checkpoint-10")
+    fake_checkpoint(tmp_path / "checkpoint-12", complete=False)  # killed before trainer_state.json
+    truncated = fake_checkpoint(tmp_path / "checkpoint-9")
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-4])
+    for value in (True, "True", "true", "last", "LATEST"):
+        with caplog.at_level(logging.WARNING, logger="trainer_bcls.checkpoints"):
+            caplog.clear()
+            assert resolve_checkpoint(value, tmp_path) == str(tmp_path / "checkpoint-10")
+        assert "checkpoint-12" in caplog.text and "half-written" in caplog.text
+    for value in (None, False, "", "False", "none"):
+        assert resolve_checkpoint(value, tmp_path) is None
+    with pytest.raises(ValueError, match=r"checkpoint-12 is incomplete, left half-written.*trainer_state.json.*"
+                                         r"newest complete one is checkpoint-10"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-12"), tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-9 is incomplete.*model\.safetensors.*truncated"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-"):
+        resolve_checkpoint("last", tmp_path / "empty")
+
+
+def test_trainer_resumes_from_last(synthetic_dir, tmp_path):
+    pairs = load_pairs(str(synthetic_dir), "train").select(range(40))
+    first = no_negative_trainer(synthetic_dir, tmp_path, pairs, max_steps=2, save_strategy="steps", save_steps=2,
+                                per_device_train_batch_size=8, train_sampling_strategy="random")
+    first.train()
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
+    second = no_negative_trainer(synthetic_dir, tmp_path, pairs, max_steps=3, save_strategy="no",
+                                 per_device_train_batch_size=8, train_sampling_strategy="random")
+    steps = []
+    second.add_callback(type("Count", (__import__("transformers").TrainerCallback,),
+                             {"on_step_end": lambda self, args, state, control, **kw: steps.append(state.global_step)}))
+    second.train(resume_from_checkpoint="True")  # what --resume_from_checkpoint True gives
+    assert steps == [3]

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .checkpoints import resolve_checkpoint
 from .data import without_image_decoding
 from .distributed import is_distributed
 from .evaluation import evaluate_retrieval
@@ -71,7 +72,10 @@ class BCLSTrainer(Trainer):
     # ------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, refusing a configuration that has no negatives, and warning once at the end with
-        the count of batches that had none (every pair of one image: loss 0, nothing trained)."""
+        the count of batches that had none (every pair of one image: loss 0, nothing trained).
+
+        `resume_from_checkpoint`: `True`, `"true"` or `"last"` resume from the newest complete checkpoint of
+        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.checkpoints.resolve_checkpoint`)."""
         args = self.args
         global_batch = args.world_size > 1 and args.gather_across_processes
         if args.per_device_train_batch_size == 1 and not global_batch:
@@ -80,6 +84,8 @@ class BCLSTrainer(Trainer):
                 "negative, so the loss is 0 and nothing trains. Use a batch of several images (or several "
                 "processes with gather_across_processes=True)."
             )
+        # "True"/"last" (as the command line gives them) → the newest complete checkpoint; half-written ones named
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
         self._batches_without_negatives, self._batches_counted = 0, 0
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         without = int(self._batches_without_negatives)
