@@ -342,3 +342,25 @@ def test_trainer_resumes_from_last(synthetic_dir, tmp_path):
                              {"on_step_end": lambda self, args, state, control, **kw: steps.append(state.global_step)}))
     second.train(resume_from_checkpoint="True")  # what --resume_from_checkpoint True gives
     assert steps == [3]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the demo tokenizer and unicode
+
+
+def test_tiny_tokenizer_keeps_unicode_words(tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer_bcls.tiny_towers import build_word_tokenizer
+
+    captions = ["Un café noir", "一只狗 在公园", "a happy 😀 dog", "Ünïcode naïve façade"]
+    tokenizer = build_word_tokenizer(captions)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    for tok in (tokenizer, AutoTokenizer.from_pretrained(tmp_path / "tok")):
+        for caption in captions:
+            tokens = tok.tokenize(caption)
+            assert "[UNK]" not in tokens, (caption, tokens)
+        assert tok.tokenize("Un café noir") == ["un", "café", "noir"]
+        assert tok.tokenize("一只狗") == ["一", "只", "狗"]
+        assert tok.tokenize("a 😀 dog") == ["a", "😀", "dog"]
+        assert tok.tokenize("a cafe") == ["a", "[UNK]"]  # accents are kept apart, not stripped
