@@ -364,3 +364,30 @@ def test_tiny_tokenizer_keeps_unicode_words(tmp_path):
         assert tok.tokenize("一只狗") == ["一", "只", "狗"]
         assert tok.tokenize("a 😀 dog") == ["a", "😀", "dog"]
         assert tok.tokenize("a cafe") == ["a", "[UNK]"]  # accents are kept apart, not stripped
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluate.py --skip_invalid
+
+
+def test_evaluate_script_skip_invalid(synthetic_dir, tmp_path, caplog, capsys):
+    import shutil
+
+    from trainer_bcls import build_tiny_model_and_processor
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    (data / "images" / "test_00003.png").unlink()
+    model, processor = build_tiny_model_and_processor(["a red circle"], image_size=32, projection_dim=16)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--dataset", str(data), "--split", "test", "--relevance", "none",
+            "--no_report", "--output_dir", str(tmp_path / "eval")]
+    evaluate = load_example("evaluate")
+    with pytest.raises(InvalidDataError, match="test_00003.png"):
+        evaluate.main(args)
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate.main(args + ["--skip_invalid"])
+    assert "skipped 1 x missing image file" in caplog.text
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+    assert "[test]: 23 images, 115 captions" in capsys.readouterr().out  # 24 test images, one skipped
