@@ -30,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
+from modeling_bcls.losses import OBJECTIVES  # noqa: E402
 from trainer_bcls import (  # noqa: E402
     BCLSDataCollator,
     BCLSTrainer,
@@ -97,7 +98,10 @@ class DataArguments:
 class LossArguments:
     """Loss hyperparameters; unset ones keep the `BCLSConfig` defaults (or the loaded model's)."""
 
-    objective: str | None = field(default=None, metadata={"help": "bcls | triplet_sn | vse | infonce"})
+    binary_loss: str | None = field(default=None, metadata={"help": "Binary term: triplet_sn | vse | infonce"})
+    objective: str | None = field(
+        default=None, metadata={"help": "Legacy: bcls | triplet_sn | vse | infonce (sets binary_loss and kendall_weight)"}
+    )
     margin: float | None = None
     soft_negative_temperature: float | None = None
     kendall_weight: float | None = None
@@ -109,7 +113,18 @@ class LossArguments:
     infonce_temperature: float | None = None
 
     def overrides(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The flags that were set, with a legacy `--objective` translated into `binary_loss` / `kendall_weight`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        objective = values.pop("objective", None)
+        if objective is not None:
+            if objective not in OBJECTIVES:
+                raise ValueError(f"--objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+            binary_loss, with_kendall = OBJECTIVES[objective]
+            if values.setdefault("binary_loss", binary_loss) != binary_loss:
+                raise ValueError(f"--objective {objective} contradicts --binary_loss {values['binary_loss']}")
+            if not with_kendall:
+                values["kendall_weight"] = 0.0
+        return values
 
 
 def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, train_pairs):
@@ -203,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     eval_relevance = None
     if eval_pairs is not None and data_args.relevance != "precomputed":  # a precomputed file covers one split
         eval_relevance = build_relevance_labels(eval_pairs, **relevance_kwargs)
-    if train_relevance is None and model.config.objective == "bcls":
-        logger.warning("--relevance none: the Kendall term is off, BCLS trains with Triplet-SN alone.")
+    if train_relevance is None and model.config.kendall_weight != 0:
+        logger.warning(
+            f"--relevance none: the Kendall term is off, BCLS trains with the binary loss "
+            f"({model.config.binary_loss}) alone."
+        )
 
     collator = BCLSDataCollator(
         processor, relevance=train_relevance, max_length=model_args.max_length, skip_invalid=data_args.skip_invalid

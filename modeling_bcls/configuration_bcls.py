@@ -19,7 +19,7 @@ PoolingMode = Literal["auto", "pooler", "mean", "cls"]
 
 # Keyword arguments of `losses.bcls_loss` that the config owns (the per-batch tensors are not config).
 LOSS_KWARG_NAMES = (
-    "objective",
+    "binary_loss",
     "margin",
     "soft_negative_temperature",
     "kendall_weight",
@@ -44,6 +44,10 @@ class BCLSConfig(PreTrainedConfig):
             Config of the text tower; any encoder-only `AutoConfig` model type (default: a BERT config).
         projection_dim (`int`, *optional*, defaults to 256):
             Width D of the shared embedding space; both projections are `nn.Linear(hidden, D, bias=False)`.
+        projection_hidden_dim (`int`, *optional*):
+            `None` (default): the projections are bias-free linear maps, as in CLIP. An integer H: each projection is
+            an MLP `Linear(hidden, H) -> GELU -> Linear(H, D)` (open_clip's `proj_type="mlp"`), which is what a
+            locked (frozen) tower needs to adapt its features (see `benchmarks/RESULTS.md`).
         text_pooling (`str`, *optional*, defaults to `"auto"`):
             How a caption becomes one vector before projection. `"pooler"`: the tower's `pooler_output` (CLIP text:
             the EOS token; BERT: tanh(W h_[CLS])). `"mean"`: mean of `last_hidden_state` over the attention mask,
@@ -53,8 +57,13 @@ class BCLSConfig(PreTrainedConfig):
         vision_pooling (`str`, *optional*, defaults to `"auto"`):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
             feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
-        objective (`str`, *optional*, defaults to `"bcls"`):
-            `"bcls"` (Triplet-SN + Kendall), `"triplet_sn"`, `"vse"` (VSE++ hardest-negative triplet) or `"infonce"`.
+        binary_loss (`str`, *optional*, defaults to `"triplet_sn"`):
+            The binary-label term: `"triplet_sn"` (Triplet-SN), `"vse"` (VSE++ exact hardest-negative triplet) or
+            `"infonce"` (CLIP's InfoNCE). The Kendall term (`kendall_weight`) is added to whichever is chosen.
+        objective (`str`, *optional*):
+            Legacy name of a (binary loss, Kendall on/off) pair, translated at construction and then stored as None:
+            `"bcls"` = Triplet-SN + Kendall, `"triplet_sn"` / `"vse"` / `"infonce"` = that binary loss with
+            `kendall_weight=0`. Old `config.json` files that carry it load unchanged in meaning.
         margin (`float`, *optional*, defaults to 0.2):
             Triplet margin alpha.
         soft_negative_temperature (`float`, *optional*, defaults to 0.1):
@@ -99,11 +108,13 @@ class BCLSConfig(PreTrainedConfig):
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
     projection_dim: int = 256
+    projection_hidden_dim: int | None = None
     text_pooling: PoolingMode = "auto"
     vision_pooling: PoolingMode = "auto"
 
     # Loss hyperparameters (see `losses.bcls_loss`).
-    objective: Literal["bcls", "triplet_sn", "vse", "infonce"] = "bcls"
+    binary_loss: Literal["triplet_sn", "vse", "infonce"] = "triplet_sn"
+    objective: Literal["bcls", "triplet_sn", "vse", "infonce"] | None = None
     margin: float | int = 0.2
     soft_negative_temperature: float | int = 0.1
     kendall_weight: float | int = 0.2
@@ -114,10 +125,20 @@ class BCLSConfig(PreTrainedConfig):
     kendall_hard_mining: bool = True
     infonce_temperature: float | int = 0.05
 
+    def __post_init__(self, **kwargs):
+        if self.objective is not None:  # legacy name -> the two knobs (same table as `losses.OBJECTIVES`)
+            self.binary_loss = "triplet_sn" if self.objective == "bcls" else self.objective
+            if self.objective != "bcls":
+                self.kendall_weight = 0.0
+            self.objective = None
+        super().__post_init__(**kwargs)
+
     def validate_bcls_hyperparameters(self):
         """Range checks (run by `@strict` after `__init__`); types and choices are checked per field."""
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
+        if self.projection_hidden_dim is not None and self.projection_hidden_dim < 1:
+            raise ValueError(f"projection_hidden_dim must be None (linear) or >= 1, got {self.projection_hidden_dim}")
         for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -10,15 +10,18 @@ For a batch with image-text similarities ``sim`` ``[N_img, N_txt]`` (row = image
     i2t     : (S, P, R)        t2i : (S^T, P^T, R^T)       (or the explicit ``*_t2i`` matrices)
     L       = (L_i2t + L_t2i) / 2
 
-``L_binary`` is Triplet-SN for ``objective="bcls"`` / ``"triplet_sn"``, VSE++ for ``"vse"`` and InfoNCE for
-``"infonce"``; the Kendall term is only used by ``objective="bcls"`` with ``relevance`` given and a non-zero weight.
+``L_binary`` is the ``binary_loss``: Triplet-SN (``"triplet_sn"``), VSE++ (``"vse"``, the exact hardest negative,
+Triplet-SN's tau -> 0 limit) or InfoNCE (``"infonce"``, fixed temperature or a learned one passed as a tensor). The Kendall
+SW-HS term composes with any of them; it is used when ``relevance`` is given and ``kendall_weight != 0``.
+The legacy ``objective`` names map onto the two knobs (:data:`OBJECTIVES`): ``"bcls"`` = Triplet-SN + Kendall,
+``"triplet_sn"`` / ``"vse"`` / ``"infonce"`` = that binary loss alone (Kendall weight 0).
 Each direction's term is ``sum of its terms / count_reducer(number of its terms)``, so a distributed trainer can
 normalise every process's sum by the global count.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -28,6 +31,7 @@ from .loss_triplet_sn import _check_mask, _check_positive, _check_sim, _triplet_
 
 
 __all__ = [
+    "BINARY_LOSSES",
     "OBJECTIVES",
     "bcls_loss",
     "infonce_loss",
@@ -37,7 +41,31 @@ __all__ = [
     "vse_triplet_loss",
 ]
 
-OBJECTIVES = ("bcls", "triplet_sn", "vse", "infonce")
+BINARY_LOSSES = ("triplet_sn", "vse", "infonce")
+# Legacy objective name -> (binary loss, whether the Kendall term is on).
+OBJECTIVES = {"bcls": ("triplet_sn", True), "triplet_sn": ("triplet_sn", False), "vse": ("vse", False), "infonce": ("infonce", False)}
+
+
+def resolve_objective(objective: Optional[str], binary_loss: str, kendall_weight: float) -> Tuple[str, float]:
+    """``(binary_loss, kendall_weight)`` of a legacy ``objective`` name (None: the two knobs as given)."""
+    if objective is None:
+        if binary_loss not in BINARY_LOSSES:
+            raise ValueError(f"`binary_loss` must be one of {BINARY_LOSSES}, got {binary_loss!r}")
+        return binary_loss, float(kendall_weight)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {tuple(OBJECTIVES)} or None, got {objective!r}")
+    binary, with_kendall = OBJECTIVES[objective]
+    return binary, float(kendall_weight) if with_kendall else 0.0
+
+
+def _infonce_temperature(value) -> "float | torch.Tensor":
+    """A fixed temperature (float), or a learned one: a 0-d tensor that keeps its graph (e.g. ``1 / logit_scale.exp()``)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"`infonce_temperature` must be a scalar, got shape {tuple(value.shape)}")
+        _check_positive(float(value.detach()), "infonce_temperature")
+        return value.reshape(()).float()
+    return _check_positive(value, "infonce_temperature")
 
 
 def _normalise(total: torch.Tensor, count: torch.Tensor, count_reducer: Optional[Callable]) -> torch.Tensor:
@@ -52,7 +80,8 @@ def bcls_loss(
     positive_mask: torch.Tensor,
     relevance: Optional[torch.Tensor] = None,
     *,
-    objective: str = "bcls",
+    binary_loss: str = "triplet_sn",
+    objective: Optional[str] = None,
     margin: float = 0.2,
     soft_negative_temperature: float = 0.1,
     kendall_weight: float = 0.2,
@@ -69,28 +98,29 @@ def bcls_loss(
     relevance_t2i: Optional[torch.Tensor] = None,
     count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Symmetric BCLS loss: ``loss = triplet + kendall_weight * kendall``, each the mean of i2t and t2i.
+    """Symmetric BCLS loss: ``loss = binary + kendall_weight * kendall``, each the mean of i2t and t2i.
 
     Args:
         sim: ``[N_img, N_txt]`` image-text similarities (image→text queries are the rows).
         positive_mask: ``[N_img, N_txt]`` bool, True for pairs of the same image.
         relevance: ``[N_img, N_txt]`` continuous labels, or None for the binary term alone.
-        objective: ``"bcls"`` (Triplet-SN + Kendall), ``"triplet_sn"``, ``"vse"`` or ``"infonce"``.
+        binary_loss: the binary-label term, ``"triplet_sn"``, ``"vse"`` or ``"infonce"``.
+        objective: legacy name that sets both knobs (``"bcls"`` = Triplet-SN + Kendall; ``"triplet_sn"``, ``"vse"``,
+            ``"infonce"`` = binary alone); None (default) uses ``binary_loss`` and ``kendall_weight`` as given.
         margin, soft_negative_temperature: Triplet-SN (``margin`` is also VSE++'s).
         kendall_weight, kendall_window_size, kendall_label_gap, kendall_surrogate, kendall_temperature,
         kendall_hard_mining: arguments of :func:`kendall_ranking_loss`.
-        infonce_temperature: temperature of :func:`infonce_loss`.
+        infonce_temperature: temperature of :func:`infonce_loss`; a float, or a 0-d tensor for a learned temperature.
         sort_order_i2t, sort_order_t2i: optional precomputed ``relevance_sort_order`` of each direction's relevance.
         sim_t2i, positive_mask_t2i, relevance_t2i: text→image matrices (rows are texts); default to the transposes.
         count_reducer: maps a direction's local term count (0-d float tensor) to the count it is normalised by
             (e.g. an all-reduce sum across processes); identity by default.
 
     Returns:
-        ``dict(loss=..., triplet=..., kendall=...)``; ``triplet`` is the binary term of the chosen objective and
+        ``dict(loss=..., triplet=..., kendall=...)``; ``triplet`` is the binary term (whichever ``binary_loss``) and
         ``kendall`` is 0 when it is not used.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    binary_loss, kendall_weight = resolve_objective(objective, binary_loss, kendall_weight)
     sim = _check_sim(sim, "sim")
     positive_mask = _check_mask(positive_mask, sim, "positive_mask")
     sim_t2i = sim.T if sim_t2i is None else _check_sim(sim_t2i, "sim_t2i")
@@ -98,8 +128,7 @@ def bcls_loss(
         positive_mask_t2i = _check_mask(positive_mask.T, sim_t2i, "positive_mask.T (default positive_mask_t2i)")
     else:
         positive_mask_t2i = _check_mask(positive_mask_t2i, sim_t2i, "positive_mask_t2i")
-    kendall_weight = float(kendall_weight)
-    use_kendall = objective == "bcls" and relevance is not None and kendall_weight != 0
+    use_kendall = relevance is not None and kendall_weight != 0
     if use_kendall:
         relevance = _check_relevance(relevance, sim, "relevance")
         if relevance_t2i is None:
@@ -116,17 +145,19 @@ def bcls_loss(
         )
 
     directions = ((sim, positive_mask, relevance, sort_order_i2t), (sim_t2i, positive_mask_t2i, relevance_t2i, sort_order_t2i))
+    if binary_loss == "triplet_sn":
+        tau = _check_positive(soft_negative_temperature, "soft_negative_temperature")
+    elif binary_loss == "infonce":
+        infonce_temperature = _infonce_temperature(infonce_temperature)
     triplet = sim.new_zeros(())
     kendall = sim.new_zeros(())
     for dir_sim, dir_mask, dir_rel, dir_order in directions:
-        if objective in ("bcls", "triplet_sn"):
-            terms = _triplet_sn_terms(
-                dir_sim, dir_mask, float(margin), _check_positive(soft_negative_temperature, "soft_negative_temperature")
-            )
-        elif objective == "vse":
+        if binary_loss == "triplet_sn":
+            terms = _triplet_sn_terms(dir_sim, dir_mask, float(margin), tau)
+        elif binary_loss == "vse":
             terms = _vse_terms(dir_sim, dir_mask, float(margin))
         else:
-            terms = _infonce_terms(dir_sim, dir_mask, _check_positive(infonce_temperature, "infonce_temperature"))
+            terms = _infonce_terms(dir_sim, dir_mask, infonce_temperature)
         count = torch.tensor(terms.numel(), device=dir_sim.device)
         triplet = triplet + _normalise(terms.sum(), count, count_reducer) / 2
         if use_kendall:

@@ -93,6 +93,8 @@ def _tower_width(config: PreTrainedConfig, kind: str) -> int:
     hidden_size = getattr(config, "hidden_size", None)
     if isinstance(hidden_size, int):
         return hidden_size
+    if isinstance(getattr(config, "hidden_dim", None), int):  # EfficientNet: width of the 1x1 head conv
+        return config.hidden_dim
     hidden_sizes = getattr(config, "hidden_sizes", None)
     if isinstance(hidden_sizes, (list, tuple)) and hidden_sizes:
         return int(hidden_sizes[-1])
@@ -214,6 +216,19 @@ def _weight_files(name_or_path) -> list[str]:
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
 
 
+def _projection(in_features: int, out_features: int, hidden: int | None) -> nn.Module:
+    """Bias-free `Linear(in, out)` (CLIP), or the MLP `Linear(in, hidden) -> GELU -> Linear(hidden, out)`."""
+    if hidden is None:
+        layers = [nn.Linear(in_features, out_features, bias=False)]
+        projection = layers[0]
+    else:
+        layers = [nn.Linear(in_features, hidden), nn.Linear(hidden, out_features)]
+        projection = nn.Sequential(layers[0], nn.GELU(), layers[1])
+    for layer in layers:
+        layer._is_bcls_projection = True
+    return projection
+
+
 class BCLSPreTrainedModel(PreTrainedModel):
     config: BCLSConfig
     config_class = BCLSConfig
@@ -230,6 +245,8 @@ class BCLSPreTrainedModel(PreTrainedModel):
         """Projections: N(0, in_features^-1/2) as in CLIP; everything else: the generic transformers init."""
         if isinstance(module, nn.Linear) and getattr(module, "_is_bcls_projection", False):
             init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 
@@ -274,10 +291,8 @@ class BCLSModel(BCLSPreTrainedModel):
         self.vision_embed_dim = _tower_width(config.vision_config, "vision")
         self.text_embed_dim = _tower_width(config.text_config, "text")
         self.projection_dim = config.projection_dim
-        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
-        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
-        self.visual_projection._is_bcls_projection = True
-        self.text_projection._is_bcls_projection = True
+        self.visual_projection = _projection(self.vision_embed_dim, self.projection_dim, config.projection_hidden_dim)
+        self.text_projection = _projection(self.text_embed_dim, self.projection_dim, config.projection_hidden_dim)
 
         self.post_init()
 
@@ -698,6 +713,8 @@ class BCLSModel(BCLSPreTrainedModel):
                 f"projection_dim={config_kwargs['projection_dim']} differs from the CLIP projection width {clip_dim}; "
                 "the projections are copied, so it cannot change."
             )
+        if config_kwargs.get("projection_hidden_dim") is not None:
+            raise ValueError("from_clip_pretrained() copies CLIP's linear projections: projection_hidden_dim must be None.")
         config_kwargs["projection_dim"] = clip_dim
         config_kwargs.setdefault("vision_pooling", "pooler")
         config_kwargs.setdefault("text_pooling", "pooler")

@@ -62,7 +62,8 @@ def test_train_script_flags_override_the_tiny_tower_defaults(synthetic_dir, tmp_
     ])
     state = json.loads((tmp_path / "r" / "trainer_state.json").read_text())
     assert all(entry.get("learning_rate", 0.0) == 0.0 for entry in state["log_history"])
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["objective"] == "vse"
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["binary_loss"], saved["kendall_weight"], saved["objective"]) == ("vse", 0.0, None)
     assert not any(key.startswith("eval_") for key in metrics)
 
 

@@ -492,6 +492,59 @@ def test_bcls_loss_combines_directions_and_objectives():
         bcls_loss(sim, mask, relevance, objective="clip")
 
 
+@pytest.mark.parametrize("binary_loss", ["triplet_sn", "vse", "infonce"])
+@pytest.mark.parametrize("kendall_weight", [0.0, 0.7])
+def test_every_binary_loss_composes_with_kendall(binary_loss, kendall_weight):
+    """binary_loss x Kendall weight equals the brute-force references, both directions averaged."""
+    sim, mask, relevance = make_batch(5, 8, seed=43, dtype=torch.float64)
+    hp = dict(margin=0.25, soft_negative_temperature=0.1, infonce_temperature=0.07, kendall_window_size=3,
+              kendall_label_gap=0.05, kendall_surrogate="hinge", kendall_hard_mining=True)
+    out = bcls_loss(sim, mask, relevance, binary_loss=binary_loss, kendall_weight=kendall_weight, **hp)
+    ref_binary = {
+        "triplet_sn": lambda S, P: ref_triplet_sn(S, P, 0.25, 0.1),
+        "vse": lambda S, P: ref_vse(S, P, 0.25),
+        "infonce": lambda S, P: ref_infonce(S, P, 0.07),
+    }[binary_loss]
+    binary = (mean(ref_binary(sim, mask)) + mean(ref_binary(sim.T, mask.T))) / 2
+    kendall = (mean(ref_kendall(sim, relevance, 3, 0.05, "hinge", 0.1, True))
+               + mean(ref_kendall(sim.T, relevance.T, 3, 0.05, "hinge", 0.1, True))) / 2
+    assert out["triplet"].item() == pytest.approx(binary, abs=1e-10)
+    assert out["kendall"].item() == pytest.approx(kendall if kendall_weight else 0.0, abs=1e-10)
+    assert out["loss"].item() == pytest.approx(binary + kendall_weight * kendall, abs=1e-10)
+    sim.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s: bcls_loss(s, mask, relevance, binary_loss=binary_loss, kendall_weight=kendall_weight, **hp)["loss"],
+        (sim,),
+    )
+
+
+def test_legacy_objective_names_map_onto_binary_loss_and_kendall_weight():
+    sim, mask, relevance = make_batch(5, 7, seed=47)
+    for objective, binary_loss, weight in [("bcls", "triplet_sn", 0.3), ("triplet_sn", "triplet_sn", 0.0),
+                                           ("vse", "vse", 0.0), ("infonce", "infonce", 0.0)]:
+        legacy = bcls_loss(sim, mask, relevance, objective=objective, kendall_weight=0.3)
+        new = bcls_loss(sim, mask, relevance, binary_loss=binary_loss, kendall_weight=weight)
+        for key in new:
+            torch.testing.assert_close(legacy[key], new[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="binary_loss"):
+        bcls_loss(sim, mask, relevance, binary_loss="bcls")
+
+
+def test_infonce_learned_temperature_tensor():
+    """A 0-d tensor temperature gives the fixed-temperature value and receives a gradient (CLIP's logit scale)."""
+    sim, mask, relevance = make_batch(4, 6, seed=53)
+    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    out = bcls_loss(sim, mask, relevance, binary_loss="infonce", kendall_weight=0.5,
+                    infonce_temperature=1 / log_scale.exp())
+    fixed = bcls_loss(sim, mask, relevance, binary_loss="infonce", kendall_weight=0.5,
+                      infonce_temperature=1 / math.exp(math.log(1 / 0.07)))
+    torch.testing.assert_close(out["loss"], fixed["loss"])
+    out["loss"].backward()
+    assert log_scale.grad is not None and log_scale.grad.item() != 0.0
+    with pytest.raises(ValueError, match="infonce_temperature"):
+        bcls_loss(sim, mask, binary_loss="infonce", infonce_temperature=torch.tensor(-1.0))
+
+
 def test_bcls_loss_count_reducer():
     sim, mask, relevance = make_batch(6, 9, seed=37)
     seen = []
@@ -511,7 +564,7 @@ def test_bcls_loss_count_reducer():
 def test_bcls_loss_keyword_names_match_the_config_contract():
     params = inspect.signature(bcls_loss).parameters
     expected = {
-        "objective": "bcls", "margin": 0.2, "soft_negative_temperature": 0.1, "kendall_weight": 0.2,
+        "binary_loss": "triplet_sn", "objective": None, "margin": 0.2, "soft_negative_temperature": 0.1, "kendall_weight": 0.2,
         "kendall_window_size": 32, "kendall_label_gap": 0.05, "kendall_surrogate": "hinge", "kendall_temperature": 0.1,
         "kendall_hard_mining": True, "infonce_temperature": 0.05, "sort_order_i2t": None, "sort_order_t2i": None,
         "sim_t2i": None, "positive_mask_t2i": None, "relevance_t2i": None, "count_reducer": None,

@@ -124,8 +124,8 @@ def test_config_loss_kwargs_match_bcls_loss_signature():
         for name, p in inspect.signature(bcls_loss).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS
-    assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["objective"] == "bcls"
+    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS - {"objective"}  # legacy name, translated
+    assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["binary_loss"] == "triplet_sn"
 
 
 def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_config):
@@ -143,6 +143,7 @@ def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_
     for bad in (
         {"text_pooling": "max"},
         {"objective": "contrastive"},
+        {"binary_loss": "bcls"},
         {"margin": -0.1},
         {"infonce_temperature": 0.0},
         {"kendall_window_size": 0},
@@ -534,3 +535,28 @@ def test_package_exports_and_registration():
         assert hasattr(modeling_bcls, name), name
     assert AutoConfig.for_model("bcls").__class__ is BCLSConfig
     assert BCLSModel.supports_gradient_checkpointing and BCLSModel._supports_sdpa
+
+
+def test_mlp_projection_head_matches_formula_and_round_trips(tmp_path, tiny_vit_config, tiny_bert_config):
+    """projection_hidden_dim=H: v = normalize(W2 GELU(W1 pool + b1) + b2), saved and reloaded exactly."""
+    config = BCLSConfig.from_vision_text_configs(
+        tiny_vit_config, tiny_bert_config, projection_dim=8, projection_hidden_dim=12, text_pooling="mean"
+    )
+    torch.manual_seed(0)
+    model = BCLSModel(config).eval()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output
+        first, second = model.visual_projection[0], model.visual_projection[2]
+        assert first.weight.shape == (12, tiny_vit_config.hidden_size) and second.weight.shape == (8, 12)
+        assert first.weight.std().item() == pytest.approx(tiny_vit_config.hidden_size**-0.5, rel=0.3)
+        assert (first.bias == 0).all() and (second.bias == 0).all()
+        expected = F.gelu(pooled @ first.weight.T + first.bias) @ second.weight.T + second.bias
+        torch.testing.assert_close(model.encode_image(inputs["pixel_values"]), F.normalize(expected, dim=-1))
+    model.save_pretrained(tmp_path)
+    loaded, info = BCLSModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits_per_image, loaded(**inputs).logits_per_image, atol=1e-6, rtol=0)
+    with pytest.raises((ValueError, StrictDataclassError), match="projection_hidden_dim"):
+        BCLSConfig(projection_hidden_dim=0)
