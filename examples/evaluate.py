@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
 from trainer_bcls import build_relevance_labels, default_synthetic_dir, encode_split, load_pairs  # noqa: E402
 from trainer_bcls.evaluation import split_metrics  # noqa: E402
+from trainer_bcls.image_loading import to_rgb  # noqa: E402
 from trainer_bcls.metrics import judgment_correlation, load_judgments  # noqa: E402
 
 logger = logging.getLogger("bcls.evaluate")
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--caption_column", default=None)
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="Skip (count, log) bad rows (missing/corrupt image, empty caption) instead of failing.")
     parser.add_argument("--relevance", default="tfidf", help="sentence | tfidf | precomputed | none")
     parser.add_argument("--relevance_model", default=None)
     parser.add_argument("--relevance_embeddings", default=None)
@@ -96,7 +99,7 @@ def save_report(path: Path, encoded, pairs, relevance, num_examples: int) -> Non
         ax.text(0, 0.5, "\n".join(_wrap(captions[int(caption_id)], 30)), fontsize=9, va="center")
         for k, image_id in enumerate(top):
             ax = fig.add_subplot(grid[r, k + 1])
-            ax.imshow(pairs[int(index.image_row[image_id])]["image"].convert("RGB"))
+            ax.imshow(to_rgb(pairs[int(index.image_row[image_id])]["image"]))
             hit = int(index.caption_image_ids[caption_id]) == image_id
             ax.set_title(f"{'✓ ' if hit else ''}{sim[image_id, caption_id]:.3f}", fontsize=9,
                          color="green" if hit else "black")
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = BCLSModel.from_pretrained(args.model).eval()
     processor = BCLSProcessor.from_pretrained(args.model)
     data = args.dataset or str(default_synthetic_dir())
-    pairs = load_pairs(data, args.split, args.image_column, args.caption_column)
+    pairs = load_pairs(data, args.split, args.image_column, args.caption_column, skip_invalid=args.skip_invalid)
     relevance = build_relevance_labels(
         pairs, kind=args.relevance, model_name_or_path=args.relevance_model,
         embeddings_path=args.relevance_embeddings,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
 from trainer_bcls.evaluation import encode_images, encode_texts  # noqa: E402
+from trainer_bcls.image_loading import to_rgb  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -32,7 +33,7 @@ def load_images(folder: Path) -> tuple[list[Path], list[Image.Image]]:
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image))
             paths.append(path)
         except (UnidentifiedImageError, OSError) as error:
             skipped.append(f"{path.name} ({error.__class__.__name__})")
@@ -57,7 +58,7 @@ def text_to_image(model, processor, images_dir: str, queries: list[str], top_k: 
 
 def image_to_text(model, processor, image_path: str, captions: list[str], top_k: int) -> list[tuple[str, float]]:
     with Image.open(image_path) as image:
-        image_embeds = encode_images(model, processor, [image.convert("RGB")], show_progress=False)
+        image_embeds = encode_images(model, processor, [to_rgb(image)], show_progress=False)
     text_embeds = encode_texts(model, processor, captions, show_progress=False)
     scores = (image_embeds @ text_embeds.T)[0]
     top = torch.topk(scores, k=min(top_k, len(captions)))

@@ -78,7 +78,9 @@ class DataArguments:
                   "default: the embedded synthetic dataset."},
     )
     train_split: str = field(default="train")
-    eval_split: str | None = field(default="val", metadata={"help": "Split for evaluation (None: no eval)."})
+    eval_split: str | None = field(
+        default="val", metadata={"help": "Split for evaluation; 'none' (or '') trains without evaluation."}
+    )
     image_column: str | None = field(default=None)
     caption_column: str | None = field(default=None)
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (count, log) bad rows instead of failing."})
@@ -158,6 +160,11 @@ def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, 
     return model, processor
 
 
+def same_rows(a, b) -> bool:
+    """Whether two pair views hold the same (file, caption) rows, in the same order."""
+    return len(a) == len(b) and a["filename"] == b["filename"] and a["caption"] == b["caption"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, LossArguments, BCLSTrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -178,13 +185,20 @@ def main(argv: list[str] | None = None) -> dict:
     train_pairs = load_pairs(
         data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
     )
+    all_train_pairs = train_pairs
     if data_args.max_train_pairs is not None:
         train_pairs = train_pairs.select(range(min(data_args.max_train_pairs, len(train_pairs))))
     eval_pairs = None
-    if data_args.eval_split:
+    if data_args.eval_split and data_args.eval_split.lower() != "none":
         eval_pairs = load_pairs(
             data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
         )
+        if same_rows(all_train_pairs, eval_pairs):
+            raise ValueError(
+                f"--train_split {data_args.train_split!r} and --eval_split {data_args.eval_split!r} are the same rows "
+                "of the data: evaluation and --load_best_model_at_end would score the training pairs. Name a "
+                "held-out split, or pass --eval_split none to train without evaluation."
+            )
     if eval_pairs is None and training_args.eval_strategy != IntervalStrategy.NO:
         logger.info("no eval split: evaluation during training is off")
         training_args.eval_strategy = IntervalStrategy.NO

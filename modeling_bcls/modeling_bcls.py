@@ -166,6 +166,56 @@ def _sentence_transformers_pooling(name_or_path: str, **hub_kwargs) -> str | Non
     return None
 
 
+def _not_bcls_message(config) -> str:
+    """Why `config` cannot build a BCLSModel: it describes another kind of model (e.g. a BERT folder's config)."""
+    model_type = getattr(config, "model_type", None)
+    if type(config).__name__ != "BCLSConfig" or not model_type:
+        return f"config must be a BCLSConfig, got {type(config).__name__}"
+    where = f"{config.name_or_path} is" if getattr(config, "name_or_path", "") else "this config is"
+    return (
+        f"{where} a '{model_type}' model (config.json has model_type '{model_type}'), not a BCLS model "
+        f"(model_type '{BCLSConfig.model_type}'). Build a BCLS model from such towers with "
+        "BCLSModel.from_vision_text_pretrained(vision, text) or BCLSModel.from_clip_pretrained(clip)."
+    )
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Why a `.safetensors` file cannot be read (truncated, bad header), or `None` when its layout is whole.
+
+    Layout: 8 bytes little-endian header size n, n bytes of JSON header, then the tensor data; the file must end
+    exactly where the largest `data_offsets` end says.
+    """
+    import os
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than the 8-byte header size"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"{size} bytes, but its header alone says {8 + n}: the file is truncated"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as err:
+        return f"unreadable header ({type(err).__name__}: {err})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes, but its header says {expected}: the file is {'truncated' if size < expected else 'longer than its tensors'}"
+    return None
+
+
+def _weight_files(name_or_path) -> list[str]:
+    """The local `.safetensors` files of a model folder (none for a Hub id)."""
+    import os
+
+    folder = str(name_or_path)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
 def _projection(in_features: int, out_features: int, hidden: int | None) -> nn.Module:
     """Bias-free `Linear(in, out)` (CLIP), or the MLP `Linear(in, hidden) -> GELU -> Linear(hidden, out)`."""
     if hidden is None:
@@ -228,7 +278,7 @@ class BCLSModel(BCLSPreTrainedModel):
         """
         # Compare the model type, not the class: remote code may load `configuration_bcls` under another module name.
         if getattr(config, "model_type", None) != BCLSConfig.model_type:
-            raise TypeError(f"config must be a BCLSConfig, got {type(config).__name__}")
+            raise TypeError(_not_bcls_message(config))
         super().__init__(config)
 
         self.vision_model = self._build_tower(config.vision_config, config.vision_pooling, "vision", vision_model)
@@ -245,6 +295,53 @@ class BCLSModel(BCLSPreTrainedModel):
         self.text_projection = _projection(self.text_embed_dim, self.projection_dim, config.projection_hidden_dim)
 
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        r"""
+        `PreTrainedModel.from_pretrained` of a saved BCLS model, strict about its weights.
+
+        `transformers` initialises a parameter missing from the weights file at random and drops an unexpected one,
+        with a log report only: a BCLS folder whose `visual_projection.weight` did not load would then retrieve with
+        random projections. Here missing, unexpected or wrongly shaped weights are a `ValueError` naming them
+        (`strict=False`: the lenient behaviour, with a warning). A folder of another kind of model (BERT, CLIP, ...)
+        is an error that says what it is, and a truncated or corrupt weights file an error naming the file.
+        A new model from pretrained towers (new projections) is `from_vision_text_pretrained` /
+        `from_clip_pretrained`, not this method.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as err:
+            problems = [(f, _safetensors_problem(f)) for f in _weight_files(pretrained_model_name_or_path)]
+            problems = [(f, why) for f, why in problems if why is not None]
+            if not problems:
+                raise
+            files = "; ".join(f"{f}: {why}" for f, why in problems)
+            raise OSError(
+                f"cannot load the BCLS model {pretrained_model_name_or_path}: broken weights file ({files}). "
+                f"Save or copy the model again. ({type(err).__name__}: {err})"
+            ) from err
+        bad = {
+            kind: sorted(str(k) for k in info.get(key) or ())
+            for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mismatched", "mismatched_keys"))
+        }
+        bad = {kind: keys for kind, keys in bad.items() if keys}
+        if bad:
+            detail = "; ".join(f"{kind}: {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in bad.items())
+            message = (
+                f"the weights of {pretrained_model_name_or_path} do not match the BCLS model its config describes "
+                f"({detail})."
+            )
+            if strict:
+                raise ValueError(
+                    message + " Missing weights would be random and the model would retrieve nonsense; fix the "
+                    "folder, or pass strict=False to load it anyway."
+                )
+            logger.warning(message + " strict=False: loading anyway, the missing weights are random.")
+        return (model, info) if want_info else model
 
     @staticmethod
     def _build_tower(

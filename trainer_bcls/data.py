@@ -24,6 +24,7 @@ splits of at most ``AUTO_CHECK_MAX_IMAGES`` images (about 1 s per 5k small JPEGs
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
@@ -316,7 +317,7 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a metadata.jsonl / metadata.csv file."""
     rows = []
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte order mark is not part of the data
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -328,7 +329,7 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
                     raise InvalidDataError(f"{path} line {line_no}: expected a JSON object")
                 rows.append((line_no, row))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # else a BOM would prefix the first column's name
             reader = csv.DictReader(f)
             for row in reader:
                 rows.append((reader.line_num, row))
@@ -336,7 +337,12 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
 
 
 def _as_caption_list(value: Any) -> list[Any]:
-    """A metadata caption cell → list of captions (a CSV cell holding a JSON list counts as a list)."""
+    """A metadata caption cell → list of captions.
+
+    A string cell that is a list literal counts as a list: JSON (``["a dog", "a cat"]``) or Python
+    (``['a dog', 'a cat']``, as pandas writes a list column to CSV), the latter read with ``ast.literal_eval``, which
+    evaluates literals only (never code). Bracketed text that is neither (``[sic] a dog]``) stays one caption.
+    """
     if value is None:
         return []
     if isinstance(value, list):
@@ -345,9 +351,12 @@ def _as_caption_list(value: Any) -> list[Any]:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
-            return [value]
-        if isinstance(parsed, list):
-            return parsed
+            try:
+                parsed = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return [value]
+        if isinstance(parsed, (list, tuple)):
+            return list(parsed)
     return [value]
 
 
@@ -378,7 +387,8 @@ def load_imagefolder(
     """Pair view of an HF-imagefolder-style folder with ``metadata.jsonl`` or ``metadata.csv``.
 
     Each metadata row has ``file_name`` (relative to the metadata file) and its captions: a ``caption`` string or a
-    ``captions`` list (in CSV, a JSON list such as ``["a dog", "a brown dog"]``); ``caption_column`` may name other
+    ``captions`` list (in CSV, a JSON list such as ``["a dog", "a brown dog"]`` or a Python one as pandas writes it,
+    ``['a dog', 'a brown dog']``); a UTF-8 byte order mark is ignored; ``caption_column`` may name other
     columns (a list of columns contributes one caption each). Each ``file_name`` must appear once.
     Split lookup: ``<path>/<split>/metadata.*`` (``val``/``validation`` aliases), else ``<path>/metadata.*`` filtered by
     its ``split`` column if it has one; a flat folder without a split column is the ``"train"`` split.
@@ -445,6 +455,32 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _split_of_dataset(dataset: Dataset, split: str | Sequence[str], where: str) -> Dataset:
+    """The rows of ``split`` in a single ``Dataset`` (not a ``DatasetDict``).
+
+    A ``Dataset`` holds one split: the one it was created or saved as (``dataset.split``, e.g. ``"validation"``
+    for ``load_dataset(..., split="validation")``), or ``"train"`` when it has no split name (``Dataset.from_dict``;
+    the convention of ``datasets.load_dataset`` for plain data files). A ``split`` column, when present, names the
+    split of each row instead, as in imagefolder metadata. Any other split name is an error listing what exists,
+    so that a training split is never silently evaluated on as well.
+    """
+    if "split" in dataset.column_names:
+        values = dataset.select_columns(["split"]).with_format("arrow")[:].column("split").to_pylist()
+        splits = _resolve_splits(split, set(values), f"the 'split' column of {where}")
+        rows = [i for i, value in enumerate(values) if value in splits]
+        selected = dataset.select(rows)
+        if "image_id" in selected.column_names and "caption_id" in selected.column_names:
+            selected = densify_ids(selected)
+        return selected
+    own = str(dataset.split) if dataset.split is not None else "train"
+    wanted = [split] if isinstance(split, str) else list(split)
+    if all(s == own for s in wanted):
+        return dataset
+    hint = "" if dataset.split is not None else " (a Dataset without a split name is the 'train' split)"
+    _resolve_splits(split, {own}, f"{where}, a single datasets.Dataset{hint}")
+    return dataset
+
+
 def load_hf_dataset(
     dataset: str | os.PathLike | Dataset | DatasetDict,
     split: str = "train",
@@ -467,8 +503,12 @@ def load_hf_dataset(
         image_id_column: rows sharing this column's value are one image (datasets with one row per caption);
             without it every row is a distinct image.
     An already built pair view (with ``image_id``/``caption_id``) is returned as is, after checking its ids.
+
+    ``split`` picks a split of a ``DatasetDict``; of a single ``Dataset`` see :func:`_split_of_dataset` (its own
+    split name, ``"train"`` without one, or its ``split`` column); an unknown split is an error listing what exists.
     """
     name = dataset if isinstance(dataset, str) else None
+    split_applied = False  # datasets.load_dataset(split=split) already picked the rows of `split`
     if isinstance(dataset, (str, os.PathLike)):
         path = Path(dataset)
         if path.is_dir() and _is_saved_dataset(path):
@@ -476,9 +516,12 @@ def load_hf_dataset(
             name = str(path)
         else:
             dataset = load_dataset(str(dataset), split=split, **load_kwargs)
+            split_applied = True
     if isinstance(dataset, DatasetDict):
         splits = _resolve_splits(split, set(dataset), name or "the DatasetDict")
         dataset = dataset[splits.pop()]
+    elif isinstance(dataset, Dataset) and not split_applied:
+        dataset = _split_of_dataset(dataset, split, name or "the dataset")
     if not isinstance(dataset, Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
     where = name or "the dataset"

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageCaptionIndex
 from .distributed import gather_no_grad, is_distributed
+from .image_loading import to_rgb
 from .metrics import retrieval_metrics
 
 
@@ -53,7 +54,7 @@ def _to_rgb(image):
         from datasets import Image as ImageFeature
 
         image = ImageFeature().decode_example(image)
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return to_rgb(image)
 
 
 @torch.no_grad()

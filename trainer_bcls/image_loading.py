@@ -2,7 +2,7 @@
 
 A row's image may be a decoded ``PIL.Image`` (``datasets.Image()``), the undecoded ``{"path", "bytes"}`` dict
 (``datasets.Image(decode=False)``), a path, raw bytes or an ``np.ndarray``. Decoding follows ``datasets.Image``
-(EXIF orientation applied) and always ends in RGB.
+(EXIF orientation applied) and always ends in 8-bit RGB (:func:`to_rgb`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,34 @@ def describe_image(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
+# Single-channel modes whose values are not 0..255: PIL's convert("RGB") clips them at 255 (a 16-bit image turns white).
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_WIDE_MODES = (*_UINT16_MODES, "I", "F")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` as 8-bit RGB; wide single-channel modes are rescaled from the range of their mode, not clipped.
+
+        I;16 (uint16, 16-bit PNG/TIFF):  v8 = round(v / 257)                    0..65535 → 0..255 (65535/255 = 257)
+        I    (int32, PIL's mode for 16-bit PNGs too):  the same, after clipping v to 0..65535
+        F    (float32):  v8 = round(255 · clip(v, 0, 1))                        floats taken as the 0..1 convention
+
+    The mapping depends on the mode only (never on an image's own min/max), so an image keeps its brightness and two
+    images of a dataset keep their relative brightness. Other modes (L, P, LA, RGBA, CMYK, ...) use ``convert("RGB")``.
+    """
+    image.load()  # a lazily opened file is read now, while it is open
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image)
+        if image.mode == "F":
+            scaled = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0) * 255.0
+        else:
+            scaled = np.clip(values.astype(np.float64), 0, 65535) / 257.0
+        image = PIL.Image.fromarray(np.rint(scaled).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def _open(value: Any) -> PIL.Image.Image:
     if isinstance(value, PIL.Image.Image):
         return value
@@ -72,9 +100,7 @@ def load_image(value: Any, *, where: str = "") -> PIL.Image.Image:
         image.load()
         if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
             image = PIL.ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return image
+        return to_rgb(image)
     except (*_PIL_ERRORS, TypeError) as err:
         suffix = f" ({where})" if where else ""
         raise ImageLoadError(f"cannot read image {describe_image(value)}{suffix}: {type(err).__name__}: {err}") from err

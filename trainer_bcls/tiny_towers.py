@@ -9,7 +9,6 @@ pretrained towers (`--vision_model`/`--text_model` or `--clip_model`).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Iterable
 
@@ -18,17 +17,35 @@ from transformers import BertConfig, BertTokenizer, ResNetConfig, ViTConfig, ViT
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def _word_tokenizer(vocab: list[str]) -> BertTokenizer:
+    # strip_accents=False: "café" stays "café" (BERT's default strips accents whenever it lower-cases).
+    return BertTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, strip_accents=False,
+        tokenize_chinese_chars=True,
+    )
+
+
 def word_vocabulary(captions: Iterable[str], min_count: int = 1) -> list[str]:
-    """Special tokens, then every lower-cased word and punctuation mark seen `min_count` times, by frequency."""
-    counts = Counter(token for caption in captions for token in re.findall(r"\w+|[^\w\s]", caption.lower()))
-    words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    """Special tokens, then every word seen `min_count` times, by frequency.
+
+    Words are what the tokenizer itself splits a caption into (lower-cased, accents kept, punctuation marks and
+    each CJK character apart), so every word of `captions` maps to itself, unicode ones (café, 狗, 😀) included,
+    never to [UNK].
+    """
+    backend = _word_tokenizer(SPECIAL_TOKENS).backend_tokenizer
+    counts = Counter(
+        word
+        for caption in captions
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))
+    )
+    words = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w))
     return SPECIAL_TOKENS + words
 
 
 def build_word_tokenizer(captions: Iterable[str], min_count: int = 1) -> BertTokenizer:
     """A BERT (WordPiece) tokenizer whose vocabulary is the whole words of `captions`."""
     vocab = word_vocabulary(captions, min_count)
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer = _word_tokenizer(vocab)
     if len(tokenizer) != len(vocab):
         raise RuntimeError(f"tokenizer kept {len(tokenizer)} of {len(vocab)} vocabulary entries")
     return tokenizer

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .checkpoints import resolve_checkpoint
 from .data import without_image_decoding
 from .distributed import is_distributed
 from .evaluation import evaluate_retrieval
@@ -65,6 +66,37 @@ class BCLSTrainer(Trainer):
         self.data_description = data_description
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
+        self._batches_without_negatives: torch.Tensor | int = 0  # summed on the device: no sync per step
+        self._batches_counted = 0
+
+    # ------------------------------------------------------------------ train
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, refusing a configuration that has no negatives, and warning once at the end with
+        the count of batches that had none (every pair of one image: loss 0, nothing trained).
+
+        `resume_from_checkpoint`: `True`, `"true"` or `"last"` resume from the newest complete checkpoint of
+        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.checkpoints.resolve_checkpoint`)."""
+        args = self.args
+        global_batch = args.world_size > 1 and args.gather_across_processes
+        if args.per_device_train_batch_size == 1 and not global_batch:
+            raise ValueError(
+                "per_device_train_batch_size=1 without a global batch: every batch is one pair, which has no "
+                "negative, so the loss is 0 and nothing trains. Use a batch of several images (or several "
+                "processes with gather_across_processes=True)."
+            )
+        # "True"/"last" (as the command line gives them) → the newest complete checkpoint; half-written ones named
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
+        self._batches_without_negatives, self._batches_counted = 0, 0
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        without = int(self._batches_without_negatives)
+        if without:
+            logger.warning(
+                "%d of %d training batches had no negative (every pair of one image): their loss is 0 and they "
+                "trained nothing. Use larger batches, or data with fewer captions per image.",
+                without,
+                self._batches_counted,
+            )
+        return result
 
     # ------------------------------------------------------------------ loss
     @property
@@ -80,6 +112,10 @@ class BCLSTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         distributed = is_distributed() and self.args.gather_across_processes
+        image_ids = inputs.get("image_ids")
+        if model.training and not distributed and isinstance(image_ids, torch.Tensor) and image_ids.numel():
+            self._batches_without_negatives = self._batches_without_negatives + (image_ids == image_ids[0]).all()
+            self._batches_counted += 1
         if self.args.embedding_chunk_size is None and not distributed:
             outputs = model(**inputs)
             if outputs.loss is None:
