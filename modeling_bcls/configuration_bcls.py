@@ -52,7 +52,8 @@ class BCLSConfig(PreTrainedConfig):
             one, else `"mean"`.
         vision_pooling (`str`, *optional*, defaults to `"auto"`):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
-            feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
+            feature maps); `"auto"` is the pooler output when the tower returns one (ResNet, ConvNeXt, EfficientNet:
+            the global average of the last feature map), else `"mean"` for a CNN feature map, else `"cls"`.
         objective (`str`, *optional*, defaults to `"bcls"`):
             `"bcls"` (Triplet-SN + Kendall), `"triplet_sn"`, `"vse"` (VSE++ hardest-negative triplet) or `"infonce"`.
         margin (`float`, *optional*, defaults to 0.2):
