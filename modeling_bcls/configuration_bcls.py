@@ -56,7 +56,8 @@ class BCLSConfig(PreTrainedConfig):
             one, else `"mean"`.
         vision_pooling (`str`, *optional*, defaults to `"auto"`):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
-            feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
+            feature maps); `"auto"` is the pooler output when the tower returns one (ResNet, ConvNeXt, EfficientNet:
+            the global average of the last feature map), else `"mean"` for a CNN feature map, else `"cls"`.
         binary_loss (`str`, *optional*, defaults to `"triplet_sn"`):
             The binary-label term: `"triplet_sn"` (Triplet-SN), `"vse"` (VSE++ exact hardest-negative triplet) or
             `"infonce"` (CLIP's InfoNCE). The Kendall term (`kendall_weight`) is added to whichever is chosen.

@@ -89,18 +89,24 @@ def _l2_normalize_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tower_width(config: PreTrainedConfig, kind: str) -> int:
-    """Width of the tower's pooled output: `hidden_size`, else the last stage of a CNN (`hidden_sizes[-1]`)."""
+    """Width of the tower's pooled output, from the first of these config fields that is set.
+
+    `hidden_size` (BERT, ViT, CLIP, Swin), `neck_hidden_sizes[-1]` (MobileViT, whose `hidden_sizes` are its
+    transformer widths), the last stage `hidden_sizes[-1]` (ResNet, ConvNeXt, RegNet, PoolFormer), `hidden_dim`
+    (EfficientNet's head width).
+    """
     hidden_size = getattr(config, "hidden_size", None)
     if isinstance(hidden_size, int):
         return hidden_size
-    if isinstance(getattr(config, "hidden_dim", None), int):  # EfficientNet: width of the 1x1 head conv
-        return config.hidden_dim
-    hidden_sizes = getattr(config, "hidden_sizes", None)
-    if isinstance(hidden_sizes, (list, tuple)) and hidden_sizes:
-        return int(hidden_sizes[-1])
+    for field in ("neck_hidden_sizes", "hidden_sizes", "hidden_dim"):
+        value = getattr(config, field, None)
+        if isinstance(value, (list, tuple)) and value:
+            return int(value[-1])
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     raise ValueError(
         f"Cannot infer the output width of the {kind} tower (model_type '{config.model_type}'): its config has "
-        "neither `hidden_size` nor `hidden_sizes`."
+        "none of `hidden_size`, `neck_hidden_sizes`, `hidden_sizes`, `hidden_dim`."
     )
 
 
@@ -374,7 +380,8 @@ class BCLSModel(BCLSPreTrainedModel):
         pooled = getattr(outputs, "pooler_output", None)
         hidden = getattr(outputs, "last_hidden_state", None)
         if pooling == "auto":
-            pooling = "pooler" if pooled is not None else ("mean" if kind == "text" else "cls")
+            cnn_map = hidden is not None and hidden.dim() == 4  # [batch, channels, height, width]
+            pooling = "pooler" if pooled is not None else ("mean" if kind == "text" or cnn_map else "cls")
         if pooling == "pooler":
             if pooled is None:
                 raise ValueError(
