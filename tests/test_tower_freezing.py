@@ -206,3 +206,41 @@ def test_partially_unlocked_resnet_trains_only_its_last_stage(splits, tmp_path):
                 assert changed, name
         else:
             assert not changed, name
+
+
+def test_train_script_freeze_flags(synthetic_dir, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from transformers import set_seed
+
+    from modeling_bcls import BCLSModel
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("bcls_example_train_freeze", path)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    train.main([
+        "--data", str(synthetic_dir), "--output_dir", str(tmp_path / "run"), "--tiny_image_size", "32",
+        "--max_steps", "3", "--per_device_train_batch_size", "16", "--eval_split", "", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--seed", "0", "--learning_rate", "1e-2",
+        "--freeze_vision_model", "--vision_unlocked_layers", "1", "--freeze_text_model",
+    ])
+    set_seed(0)  # the script's initial model
+    initial, _ = build_tiny_model_and_processor(
+        load_pairs(str(synthetic_dir), "train")["caption"], image_size=32, projection_dim=128, max_length=64
+    )
+    trained = BCLSModel.from_pretrained(tmp_path / "run")
+    before, after = initial.state_dict(), trained.state_dict()
+    for name, value in before.items():
+        moved = not torch.equal(after[name], value)
+        if name.startswith(("vision_model.encoder.stages.2.", "visual_projection.", "text_projection.")):
+            if name.endswith("weight"):
+                assert moved, name
+        else:
+            assert not moved, name  # the text tower and the vision tower's first groups, buffers included
+    with pytest.raises(ValueError, match="vision_unlocked_layers=1 needs freeze_vision_model"):
+        train.main(["--data", str(synthetic_dir), "--output_dir", str(tmp_path / "x"), "--vision_unlocked_layers", "1",
+                    "--max_steps", "1", "--eval_split", "", "--use_cpu", "true"])
