@@ -55,8 +55,13 @@ def image_digests(pixel_values: torch.Tensor) -> list[bytes]:
     if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit words
         rows = rows.view(torch.int16)
     array = rows.cpu().contiguous().numpy()
-    header = f"{pixel_values.dtype}{tuple(pixel_values.shape[1:])}".encode()
-    return [hashlib.sha256(header + memoryview(row).cast("B")).digest()[:DIGEST_BYTES] for row in array]
+    header = hashlib.sha256(f"{pixel_values.dtype}{tuple(pixel_values.shape[1:])}".encode())
+    digests = []
+    for row in array:
+        digest = header.copy()
+        digest.update(memoryview(row).cast("B"))  # no copy of the row
+        digests.append(digest.digest()[:DIGEST_BYTES])
+    return digests
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -149,8 +149,8 @@ def freeze_tower(tower: nn.Module, unlocked_layers: int = 0, blocks: str | None 
     """Freeze every layer group of `tower` except the last `unlocked_layers` (0: lock the whole tower).
 
     Frozen groups: `requires_grad=False` and eval mode kept through later `train()` calls (module docstring).
-    Returns the frozen groups (one group named `tower` when the whole tower is locked). Raises `ValueError` when `unlocked_layers` is negative or exceeds the number of
-    groups (the message lists them).
+    Returns the frozen groups (one group named `tower` when the whole tower is locked). Raises `ValueError` when
+    `unlocked_layers` is negative or exceeds the number of groups (the message lists them).
     """
     if unlocked_layers < 0:
         raise ValueError(f"unlocked_layers must be >= 0, got {unlocked_layers}")
