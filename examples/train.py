@@ -38,6 +38,7 @@ from trainer_bcls import (  # noqa: E402
     build_relevance_labels,
     build_tiny_model_and_processor,
     default_synthetic_dir,
+    freeze_towers,
     load_pairs,
 )
 
@@ -68,6 +69,16 @@ class ModelArguments:
     vision_pooling: str = field(default="auto", metadata={"help": "auto | pooler | mean | cls"})
     tiny_image_size: int = field(default=64, metadata={"help": "Image size of the tiny from-scratch towers."})
     max_length: int = field(default=64, metadata={"help": "Maximum caption length in tokens."})
+    freeze_vision_model: bool = field(
+        default=False, metadata={"help": "Lock the vision tower (LiT); its features are cached per image."}
+    )
+    freeze_text_model: bool = field(default=False, metadata={"help": "Lock the text tower."})
+    vision_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --freeze_vision_model: the last N layer groups of the tower still train."}
+    )
+    text_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --freeze_text_model: the last N layer groups of the tower still train."}
+    )
 
 
 @dataclass
@@ -206,6 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data %s: %d training pairs, %s eval pairs", data, len(train_pairs), eval_pairs and len(eval_pairs))
 
     model, processor = build_model_and_processor(model_args, loss_args.overrides(), train_pairs)
+    freeze_towers(
+        model,
+        freeze_vision_model=model_args.freeze_vision_model,
+        vision_unlocked_layers=model_args.vision_unlocked_layers,
+        freeze_text_model=model_args.freeze_text_model,
+        text_unlocked_layers=model_args.text_unlocked_layers,
+    )
 
     relevance_kwargs = dict(
         kind=data_args.relevance,

@@ -481,6 +481,7 @@ class BCLSModel(BCLSPreTrainedModel):
         return_loss: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        vision_pooled_output: torch.FloatTensor | None = None,
         **kwargs,
     ) -> BCLSOutput:
         r"""
@@ -498,16 +499,22 @@ class BCLSModel(BCLSPreTrainedModel):
         return_loss (`bool`, *optional*): compute `bcls_loss(logits_per_image, positive_mask, relevance, ...)` with the
             config's loss hyperparameters (needs both modalities and B images = B captions).
         token_type_ids / position_ids (*optional*): passed to the text tower when given.
+        vision_pooled_output (`torch.FloatTensor` of shape `(B, vision_embed_dim)`, *optional*): the pooled vision-tower
+            output of the images, used instead of running the tower on `pixel_values` (the cached features of a
+            locked tower, `trainer_bcls.locked_image_cache`); the projection still runs.
 
         Either modality alone may be given; then only its embeddings are returned. Similarities and loss are float32.
         """
         kwargs.pop("num_items_in_batch", None)
         if kwargs:
             raise TypeError(f"BCLSModel.forward() got unexpected keyword arguments: {sorted(kwargs)}")
-        if pixel_values is None and input_ids is None:
+        if pixel_values is None and input_ids is None and vision_pooled_output is None:
             raise ValueError("BCLSModel.forward() needs pixel_values, input_ids or both.")
 
-        image_embeds = self.get_image_features(pixel_values) if pixel_values is not None else None
+        if vision_pooled_output is not None:
+            image_embeds = _l2_normalize_fp32(self.visual_projection(vision_pooled_output))
+        else:
+            image_embeds = self.get_image_features(pixel_values) if pixel_values is not None else None
         text_embeds = (
             self.get_text_features(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
             if input_ids is not None

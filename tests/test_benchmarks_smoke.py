@@ -112,3 +112,11 @@ def test_bench_train_script_runs(one_thread):
     )  # fmt: skip
     assert len(rows) == 3 and rows[0]["ratio"] == 1.0
     assert all(row["steps"] == 2 and row["s_per_step"] > 0 for row in rows)
+
+
+def test_bench_locked_cache_script_runs(one_thread):
+    result = _load("bench_locked_cache").main(
+        ["--vision", "tiny", "--images", "8", "--batch_size", "10", "--epochs", "2", "--threads", "0"]
+    )  # fmt: skip
+    assert [row[0] for row in result["rows"]] == [1, 2] and all(row[1] > 0 and row[2] > 0 for row in result["rows"])
+    assert result["entries"] == 8 and result["weight_diff"] <= 1e-5

@@ -57,3 +57,16 @@ def test_train_script_runs_with_two_processes(tmp_path, synthetic_dir):
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 3 and all("loss_kendall" in entry for entry in logged), proc.stdout[-2000:]
     assert (output_dir / "model.safetensors").is_file()
+
+
+def test_locked_image_cache_with_two_processes_and_gradcache(tmp_path, synthetic_dir):
+    launch([str(ROOT / "tests/distributed/check_locked_cache.py"), str(tmp_path), str(synthetic_dir)], tmp_path)
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
+    for result in results:
+        assert result["world"] == 2
+        # uncached: 6 steps x 2 chunks of 4 rows x 2 GradCache passes (embed without graph, then replay)
+        assert result["plain_calls_per_epoch"] == [24, 24], result
+        assert result["cached_calls_per_epoch"][0] > 0 and result["cached_calls_per_epoch"][1] == 0
+        assert result["cache_entries"] == result["distinct_images"]  # entries shared across the processes
+        assert result["num_losses"] == [12, 12] and result["max_loss_diff"] <= 1e-5
+        assert result["weights_moved"] > 1e-3 and result["max_weight_diff"] <= 1e-5

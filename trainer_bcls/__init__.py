@@ -22,6 +22,7 @@ from .relevance import (
 )
 from .synthetic import default_synthetic_dir, make_synthetic_dataset
 from .tiny_towers import build_tiny_model_and_processor
+from .tower_freezing import freeze_tower, freeze_towers, layer_groups, unfreeze_tower
 from .trainer import BCLSTrainer
 from .training_args import BCLSTrainingArguments
 
@@ -40,14 +41,18 @@ __all__ = [
     "default_synthetic_dir",
     "encode_split",
     "evaluate_retrieval",
+    "freeze_tower",
+    "freeze_towers",
     "load_hf_dataset",
     "load_imagefolder",
     "load_karpathy",
+    "layer_groups",
     "load_pairs",
     "make_synthetic_dataset",
     "retrieval_metrics",
     "densify_ids",
     "split_metrics",
+    "unfreeze_tower",
     "validate_images",
     "without_image_decoding",
 ]

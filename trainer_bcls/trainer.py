@@ -7,6 +7,9 @@ What it adds to `Trainer`:
 - `evaluate()` runs full-gallery retrieval on the eval split (unique images embedded once, every caption) and
   returns `eval_rsum`, `eval_i2t_r1`, ... (plus relevance-aware metrics when relevance labels are given), so that
   `metric_for_best_model="rsum"`, `load_best_model_at_end` and early stopping work.
+- a locked vision tower (`trainer_bcls.tower_freezing.freeze_tower`) runs once per distinct image: its pooled
+  outputs are cached (`trainer_bcls.locked_image_cache`, `cache_locked_image_features=True`, the default) and
+  passed to the model as `vision_pooled_output`; bypassed, with a warning, when the collator augments images.
 - `create_model_card` renders the project's `model_card.md` template (metrics table, data, loss
   hyperparameters, usage, citation, `model-index`).
 """
@@ -31,12 +34,16 @@ from .distributed import is_distributed
 from .evaluation import evaluate_retrieval
 from .global_loss import global_bcls_loss
 from .gradcache import cached_embeddings
+from .locked_image_cache import LockedImageFeatureCache
+from .tower_freezing import is_tower_locked
 from .training_args import BCLSTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i")
-MODEL_FEATURE_KEYS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODEL_FEATURE_KEYS = (
+    "pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids", "vision_pooled_output"
+)
 
 
 class BCLSTrainer(Trainer):
@@ -68,6 +75,8 @@ class BCLSTrainer(Trainer):
         self._loss_parts_count = 0
         self._batches_without_negatives: torch.Tensor | int = 0  # summed on the device: no sync per step
         self._batches_counted = 0
+        self.locked_image_cache = LockedImageFeatureCache()
+        self._warned_cache_bypass = False
 
     # ------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
@@ -111,6 +120,7 @@ class BCLSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        inputs = self._with_locked_image_features(model, inputs)
         distributed = is_distributed() and self.args.gather_across_processes
         image_ids = inputs.get("image_ids")
         if model.training and not distributed and isinstance(image_ids, torch.Tensor) and image_ids.numel():
@@ -126,6 +136,29 @@ class BCLSTrainer(Trainer):
             loss, parts, outputs = self._compute_global_loss(model, inputs)
         self._track_loss_parts(parts)
         return (loss, outputs) if return_outputs else loss
+
+    def _with_locked_image_features(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with `pixel_values` replaced by the cached pooled outputs of a locked vision tower."""
+        if not self.args.cache_locked_image_features or inputs.get("pixel_values") is None:
+            return inputs
+        unwrapped = self.accelerator.unwrap_model(model)
+        tower = getattr(unwrapped, "vision_model", None)
+        if tower is None or not is_tower_locked(tower):
+            return inputs
+        if getattr(self.data_collator, "image_transform", None) is not None:
+            if not self._warned_cache_bypass:
+                logger.warning(
+                    "The vision tower is locked but the collator augments images (image_transform): the locked-image "
+                    "cache is bypassed and every step runs the tower."
+                )
+                self._warned_cache_bypass = True
+            return inputs
+        pooled = self.locked_image_cache.pooled_features(
+            unwrapped, inputs["pixel_values"], autocast=self.accelerator.autocast
+        )
+        inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
+        inputs["vision_pooled_output"] = pooled
+        return inputs
 
     def _compute_global_loss(self, model: nn.Module, inputs: dict[str, Any]):
         """BCLS loss of the global (all processes) and/or cached (chunk-embedded) batch."""

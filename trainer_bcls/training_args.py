@@ -23,6 +23,9 @@ class BCLSTrainingArguments(TrainingArguments):
       chunk, so the memory of a step is that of one chunk while the loss sees the whole batch.
     - `gather_across_processes`: with several processes, local queries are scored against the candidates of
       *all* processes (gathered with gradients), so the loss is the loss of the global batch.
+    - `cache_locked_image_features`: with a locked vision tower (`trainer_bcls.tower_freezing.freeze_tower`),
+      embed each distinct training image once and reuse its pooled output (`trainer_bcls.locked_image_cache`);
+      bypassed when the collator augments images.
     - `eval_chunk_size`: query chunk of the chunked retrieval metrics (bounds evaluation memory).
     """
 
@@ -40,6 +43,10 @@ class BCLSTrainingArguments(TrainingArguments):
     gather_across_processes: bool = field(
         default=True,
         metadata={"help": "Score local queries against the candidates of all processes (global-batch loss)."},
+    )
+    cache_locked_image_features: bool = field(
+        default=True,
+        metadata={"help": "Locked vision tower: run it once per distinct training image and cache its outputs."},
     )
     eval_chunk_size: int = field(default=1024, metadata={"help": "Query chunk size of the retrieval metrics."})
 
