@@ -53,6 +53,13 @@ class BCLSConfig(PreTrainedConfig):
         vision_pooling (`str`, *optional*, defaults to `"auto"`):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
             feature maps); `"auto"` is the pooler output when the tower returns one, else `"cls"`.
+        logit_scale (`float`, *optional*, defaults to 1/0.07 ~= 14.29):
+            Fixed multiplier of the cosine similarities in `logits_per_image` / `logits_per_text`, so that a softmax
+            over candidate captions gives zero-shot label probabilities (the multiplier CLIP starts training from,
+            `exp(logit_scale_init_value)`; `from_clip_pretrained` copies CLIP's learned value). It is not a learned
+            parameter: the BCLS losses read the unscaled cosines (their own temperatures and margins set the
+            scale), so no loss would train it. It changes no ranking; set it to make probabilities sharper or
+            flatter (e.g. fitted on held-out pairs with `trainer_bcls.fit_logit_scale`).
         objective (`str`, *optional*, defaults to `"bcls"`):
             `"bcls"` (Triplet-SN + Kendall), `"triplet_sn"`, `"vse"` (VSE++ hardest-negative triplet) or `"infonce"`.
         margin (`float`, *optional*, defaults to 0.2):
@@ -101,6 +108,7 @@ class BCLSConfig(PreTrainedConfig):
     projection_dim: int = 256
     text_pooling: PoolingMode = "auto"
     vision_pooling: PoolingMode = "auto"
+    logit_scale: float | int = 1 / 0.07
 
     # Loss hyperparameters (see `losses.bcls_loss`).
     objective: Literal["bcls", "triplet_sn", "vse", "infonce"] = "bcls"
@@ -118,6 +126,8 @@ class BCLSConfig(PreTrainedConfig):
         """Range checks (run by `@strict` after `__init__`); types and choices are checked per field."""
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
