@@ -273,6 +273,7 @@ def test_model_card_metadata_names_towers_datasets_license_and_eval_split(tmp_pa
     assert {r.dataset_split for r in data.eval_results} == {"test"}
     assert {r.dataset_type for r in data.eval_results} == {"nlphuji/flickr30k"}
     text = card.text
+    assert text.lstrip().startswith("# me/bcls-flickr")
     assert "**test** split" in text and "flickr30k (train split)" in text
     for line in ("| `kendall_window_size` | 32 |", "| `margin` | 0.2 |", "| transformers |", "| torch |"):
         assert line in text, line

@@ -175,6 +175,7 @@ def build_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
+        model_name=model_name,  # ModelCardData keeps it in the model-index only
         repo_id=repo_id or model_name,
         training_data=dataset or "not specified",
         eval_split=eval_split or "unspecified",
