@@ -10,7 +10,8 @@ The losses see the raw cosines s_ij (their temperatures/margins live in `BCLSCon
 config value, not a parameter, because no BCLS loss would ever train it (see `BCLSConfig.logit_scale`).
 
 This file is copied next to saved checkpoints (remote code). It may import only torch / transformers / stdlib and the
-flat sibling modules `configuration_bcls`, `losses` (+ `loss_*`) through `from .x import y` relative imports.
+flat sibling modules `configuration_bcls`, `losses` (+ `loss_*`), `sentence_transformers_files` through
+`from .x import y` relative imports.
 """
 
 import contextlib
@@ -259,6 +260,9 @@ class BCLSModel(BCLSPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         r"""
         `PreTrainedModel.save_pretrained`, plus:
@@ -280,9 +284,6 @@ class BCLSModel(BCLSPreTrainedModel):
             versions = {"transformers": transformers.__version__, "pytorch": torch.__version__}
             write_sentence_transformers_files(save_directory, versions)
         super().save_pretrained(save_directory, *args, **kwargs)
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.set_input_embeddings(value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Pooling
