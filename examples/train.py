@@ -41,6 +41,7 @@ from trainer_bcls import (  # noqa: E402
     freeze_towers,
     load_pairs,
 )
+from trainer_bcls.model_card import is_hub_repo_id  # noqa: E402
 
 logger = logging.getLogger("bcls.train")
 
@@ -264,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_state()
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
-    trainer.create_model_card()
+    trainer.create_model_card(
+        eval_split=data_args.eval_split or None,
+        datasets=[data] if is_hub_repo_id(data) else None,  # a Hub dataset id (not a local path)
+    )
     if training_args.push_to_hub:
         trainer.push_to_hub()
     if trainer.is_world_process_zero():

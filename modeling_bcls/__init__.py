@@ -1,13 +1,15 @@
 # Licensed under the Apache License, Version 2.0.
 """BCLS: image-text retrieval dual encoder with binary + continuous label supervision.
 
-Importing this package registers the "bcls" model type with `AutoConfig`, `AutoModel` and `AutoProcessor`, and marks
-the classes for `register_for_auto_class`, so that `save_pretrained` writes an `auto_map` and copies the code files
-(`configuration_bcls.py`, `modeling_bcls.py`, `losses.py`, `loss_*.py`, `processing_bcls.py`) next to the weights:
-the saved folder then loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` without this package.
+Importing this package registers the "bcls" model type with `AutoConfig`, `AutoModel`,
+`AutoModelForZeroShotImageClassification` (so `pipeline("zero-shot-image-classification", model=folder)` works) and
+`AutoProcessor`, and marks the classes for `register_for_auto_class`, so that `save_pretrained` writes an `auto_map`
+and copies the code files (`configuration_bcls.py`, `modeling_bcls.py`, `losses.py`, `loss_*.py`,
+`sentence_transformers_files.py`, `processing_bcls.py`) next to the weights: the saved folder then loads with
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` without this package.
 """
 
-from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
 
 from .configuration_bcls import BCLSConfig
 from .losses import (
@@ -24,6 +26,7 @@ from .processing_bcls import BCLSProcessor
 
 AutoConfig.register(BCLSConfig.model_type, BCLSConfig, exist_ok=True)
 AutoModel.register(BCLSConfig, BCLSModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(BCLSConfig, BCLSModel, exist_ok=True)
 AutoProcessor.register(BCLSConfig, BCLSProcessor, exist_ok=True)
 
 BCLSConfig.register_for_auto_class("AutoConfig")

@@ -58,6 +58,13 @@ class BCLSConfig(PreTrainedConfig):
             Same choices for images. `"mean"` averages all tokens (3-D hidden states) or all spatial positions (4-D
             feature maps); `"auto"` is the pooler output when the tower returns one (ResNet, ConvNeXt, EfficientNet:
             the global average of the last feature map), else `"mean"` for a CNN feature map, else `"cls"`.
+        logit_scale (`float`, *optional*, defaults to 1/0.07 ~= 14.29):
+            Fixed multiplier of the cosine similarities in `logits_per_image` / `logits_per_text`, so that a softmax
+            over candidate captions gives zero-shot label probabilities (the multiplier CLIP starts training from,
+            `exp(logit_scale_init_value)`; `from_clip_pretrained` copies CLIP's learned value). It is not a learned
+            parameter: the BCLS losses read the unscaled cosines (their own temperatures and margins set the
+            scale), so no loss would train it. It changes no ranking; set it to make probabilities sharper or
+            flatter (e.g. fitted on held-out pairs with `trainer_bcls.fit_logit_scale`).
         binary_loss (`str`, *optional*, defaults to `"triplet_sn"`):
             The binary-label term: `"triplet_sn"` (Triplet-SN), `"vse"` (VSE++ exact hardest-negative triplet) or
             `"infonce"` (CLIP's InfoNCE). The Kendall term (`kendall_weight`) is added to whichever is chosen.
@@ -112,6 +119,7 @@ class BCLSConfig(PreTrainedConfig):
     projection_hidden_dim: int | None = None
     text_pooling: PoolingMode = "auto"
     vision_pooling: PoolingMode = "auto"
+    logit_scale: float | int = 1 / 0.07
 
     # Loss hyperparameters (see `losses.bcls_loss`).
     binary_loss: Literal["triplet_sn", "vse", "infonce"] = "triplet_sn"
@@ -140,6 +148,8 @@ class BCLSConfig(PreTrainedConfig):
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
         if self.projection_hidden_dim is not None and self.projection_hidden_dim < 1:
             raise ValueError(f"projection_hidden_dim must be None (linear) or >= 1, got {self.projection_hidden_dim}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

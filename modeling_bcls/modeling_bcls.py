@@ -4,28 +4,35 @@
     v_i = normalize(W_v pool(vision_tower(image_i)))          W_v: [D, H_v], no bias
     t_j = normalize(W_t pool(text_tower(caption_j)))          W_t: [D, H_t], no bias
     s_ij = <v_i, t_j>  (cosine similarity, in [-1, 1]; the model's retrieval score)
+    logits_per_image[i, j] = config.logit_scale * s_ij   (zero-shot classification logits, softmax over captions)
 
-There is no learned logit scale: the temperatures/margins of the losses live in `BCLSConfig`.
+The losses see the raw cosines s_ij (their temperatures/margins live in `BCLSConfig`); `logit_scale` is a fixed
+config value, not a parameter, because no BCLS loss would ever train it (see `BCLSConfig.logit_scale`).
 
 This file is copied next to saved checkpoints (remote code). It may import only torch / transformers / stdlib and the
-flat sibling modules `configuration_bcls`, `losses` (+ `loss_*`) through `from .x import y` relative imports.
+flat sibling modules `configuration_bcls`, `losses` (+ `loss_*`), `sentence_transformers_files` through
+`from .x import y` relative imports.
 """
 
 import contextlib
 import inspect
 import json
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, cached_file, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_bcls import BCLSConfig
 from .losses import bcls_loss
+from .sentence_transformers_files import write_sentence_transformers_files
 
 
 logger = logging.get_logger(__name__)
@@ -56,7 +63,9 @@ class BCLSOutput(ModelOutput):
     loss_kendall (`torch.FloatTensor` of shape `()`, *optional*):
         The continuous-label Kendall ranking term (0 without relevance labels).
     logits_per_image (`torch.FloatTensor` of shape `(n_images, n_texts)`):
-        Cosine similarities s_ij = <v_i, t_j> in float32: row = image of pair i, column = caption of pair j.
+        Scaled cosine similarities `config.logit_scale * <v_i, t_j>` in float32: row = image of pair i, column =
+        caption of pair j. A softmax over a row gives zero-shot label probabilities (as CLIP's); the ranking equals
+        the cosine ranking. The loss is computed from the unscaled cosines.
     logits_per_text (`torch.FloatTensor` of shape `(n_texts, n_images)`):
         `logits_per_image.T`.
     image_embeds (`torch.FloatTensor` of shape `(n_images, projection_dim)`):
@@ -372,6 +381,28 @@ class BCLSModel(BCLSPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.set_input_embeddings(value)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        r"""
+        `PreTrainedModel.save_pretrained`, plus:
+
+        - the `auto_map` names this class for `AutoModel` and `AutoModelForZeroShotImageClassification` (when the
+          code files are saved), so `pipeline("zero-shot-image-classification", model=folder,
+          trust_remote_code=True)` works without this package;
+        - the sentence-transformers files (`modules.json`, ...; see `sentence_transformers_files.py`), so that
+          `SentenceTransformer(folder)` embeds texts and images as `encode_text` / `encode_image`.
+        """
+        if kwargs.get("is_main_process", True):
+            if self._auto_class is not None:
+                name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+                auto_map = dict(getattr(self.config, "auto_map", None) or {})
+                for auto_class in ("AutoModel", "AutoModelForZeroShotImageClassification"):
+                    auto_map.setdefault(auto_class, name)
+                self.config.auto_map = auto_map
+            os.makedirs(save_directory, exist_ok=True)
+            versions = {"transformers": transformers.__version__, "pytorch": torch.__version__}
+            write_sentence_transformers_files(save_directory, versions)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     # ----------------------------------------------------------------------------------------------------------------
     # Pooling
     # ----------------------------------------------------------------------------------------------------------------
@@ -410,15 +441,25 @@ class BCLSModel(BCLSPreTrainedModel):
         summed = (hidden.float() * mask).sum(dim=1)
         return (summed / mask.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
 
+    @staticmethod
+    def _with_projection(outputs, projected: torch.Tensor) -> BaseModelOutputWithPooling:
+        """The tower's outputs with `pooler_output` replaced by the projected features (as CLIP's)."""
+        return BaseModelOutputWithPooling(
+            last_hidden_state=getattr(outputs, "last_hidden_state", None),
+            pooler_output=projected,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
     def _pool_image(self, pixel_values: torch.Tensor, **tower_kwargs) -> torch.Tensor:
-        """Pooled vision-tower output before the projection, shape [N, vision_embed_dim]."""
+        """Pooled vision-tower output before the projection, [N, vision_embed_dim] (what a locked tower caches)."""
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         return self._pool(outputs, self.config.vision_pooling, None, "vision")
 
     def _pool_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **tower_kwargs
     ) -> torch.Tensor:
-        """Pooled text-tower output before the projection, shape [N, text_embed_dim]."""
+        """Pooled text-tower output before the projection, [N, text_embed_dim]."""
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
         return self._pool(outputs, self.config.text_pooling, attention_mask, "text")
@@ -426,28 +467,45 @@ class BCLSModel(BCLSPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Features
     # ----------------------------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, **tower_kwargs) -> torch.Tensor:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **tower_kwargs) -> BaseModelOutputWithPooling:
         r"""
-        Image embeddings v = normalize(W_v pool(vision_tower(pixel_values))), float32 of shape [N, projection_dim].
-        Cosine similarity (= dot product) with `get_text_features` is the model's retrieval score.
+        The vision tower's outputs with `pooler_output` = W_v pool(vision_tower(pixel_values)): the projected image
+        features, shape [N, projection_dim], in the model's dtype and NOT normalised (the transformers 5 contract of
+        `CLIPModel.get_image_features`). `last_hidden_state` / `hidden_states` / `attentions` are the tower's.
+        For search use [`encode_image`] (L2-normalised, float32).
         """
-        return _l2_normalize_fp32(self.visual_projection(self._pool_image(pixel_values, **tower_kwargs)))
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+        pooled = self._pool(outputs, self.config.vision_pooling, None, "vision")
+        return self._with_projection(outputs, self.visual_projection(pooled))
 
+    @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **tower_kwargs
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **tower_kwargs,
+    ) -> BaseModelOutputWithPooling:
         r"""
-        Text embeddings t = normalize(W_t pool(text_tower(input_ids, attention_mask))), float32 of shape
-        [N, projection_dim]. Extra tower inputs (`token_type_ids`, `position_ids`) may be passed as keywords.
+        The text tower's outputs with `pooler_output` = W_t pool(text_tower(input_ids, attention_mask)): the
+        projected text features, shape [N, projection_dim], model dtype, NOT normalised (as
+        `CLIPModel.get_text_features`). For search use [`encode_text`] (L2-normalised, float32).
         """
-        return _l2_normalize_fp32(self.text_projection(self._pool_text(input_ids, attention_mask, **tower_kwargs)))
+        optional = {"token_type_ids": token_type_ids, "position_ids": position_ids, **tower_kwargs}
+        tower_kwargs = {k: v for k, v in optional.items() if v is not None}
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
+        pooled = self._pool(outputs, self.config.text_pooling, attention_mask, "text")
+        return self._with_projection(outputs, self.text_projection(pooled))
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True, **tower_kwargs) -> torch.Tensor:
         r"""
-        Search embeddings of images, float32 [N, projection_dim]: W_v pool(vision_tower(pixel_values)), L2-normalised
-        when `normalize` (open_clip's `encode_image`). The one call to use for indexing and search.
+        Search embeddings of images, float32 [N, projection_dim]: v = W_v pool(vision_tower(pixel_values)) / ||.||_2
+        (unnormalised when `normalize=False`; open_clip's `encode_image`). The one call to use for indexing and
+        search: the dot product of two such embeddings is the model's retrieval score.
         """
-        features = self.visual_projection(self._pool_image(pixel_values, **tower_kwargs))
+        features = self.get_image_features(pixel_values, **tower_kwargs).pooler_output
         return _l2_normalize_fp32(features) if normalize else features.float()
 
     def encode_text(
@@ -458,10 +516,11 @@ class BCLSModel(BCLSPreTrainedModel):
         **tower_kwargs,
     ) -> torch.Tensor:
         r"""
-        Search embeddings of texts, float32 [N, projection_dim]: W_t pool(text_tower(input_ids, attention_mask)),
-        L2-normalised when `normalize` (open_clip's `encode_text`).
+        Search embeddings of texts, float32 [N, projection_dim]: t = W_t pool(text_tower(input_ids, attention_mask))
+        / ||.||_2 (unnormalised when `normalize=False`; open_clip's `encode_text`). Extra tower inputs
+        (`token_type_ids`, `position_ids`) may be passed as keywords.
         """
-        features = self.text_projection(self._pool_text(input_ids, attention_mask, **tower_kwargs))
+        features = self.get_text_features(input_ids, attention_mask, **tower_kwargs).pooler_output
         return _l2_normalize_fp32(features) if normalize else features.float()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -496,8 +555,8 @@ class BCLSModel(BCLSPreTrainedModel):
             (rows = images, as `logits_per_image`), used by the Kendall term.
         relevance_order_i2t / relevance_order_t2i (`torch.LongTensor` of shape `(B, B)`, *optional*): precomputed
             `relevance_sort_order` of `relevance` / `relevance.T` (the collator's), passed to the loss as `sort_order`.
-        return_loss (`bool`, *optional*): compute `bcls_loss(logits_per_image, positive_mask, relevance, ...)` with the
-            config's loss hyperparameters (needs both modalities and B images = B captions).
+        return_loss (`bool`, *optional*): compute `bcls_loss(cosines, positive_mask, relevance, ...)` on the unscaled
+            cosine similarities with the config's loss hyperparameters (needs both modalities and B images = B captions).
         token_type_ids / position_ids (*optional*): passed to the text tower when given.
         vision_pooled_output (`torch.FloatTensor` of shape `(B, vision_embed_dim)`, *optional*): the pooled vision-tower
             output of the images, used instead of running the tower on `pixel_values` (the cached features of a
@@ -514,26 +573,25 @@ class BCLSModel(BCLSPreTrainedModel):
         if vision_pooled_output is not None:
             image_embeds = _l2_normalize_fp32(self.visual_projection(vision_pooled_output))
         else:
-            image_embeds = self.get_image_features(pixel_values) if pixel_values is not None else None
+            image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
         text_embeds = (
-            self.get_text_features(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+            self.encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
             if input_ids is not None
             else None
         )
 
-        logits_per_image = logits_per_text = None
+        cosines = logits_per_image = logits_per_text = None
         if image_embeds is not None and text_embeds is not None:
             with _fp32_region(image_embeds.device):
-                logits_per_image = image_embeds @ text_embeds.to(image_embeds.device).t()
+                cosines = image_embeds @ text_embeds.to(image_embeds.device).t()
+                logits_per_image = cosines * float(self.config.logit_scale)
             logits_per_text = logits_per_image.t()
 
         loss = loss_triplet = loss_kendall = None
         if return_loss:
-            if logits_per_image is None:
+            if cosines is None:
                 raise ValueError("return_loss=True needs both pixel_values and input_ids.")
-            losses = self._compute_loss(
-                logits_per_image, image_ids, relevance, relevance_order_i2t, relevance_order_t2i
-            )
+            losses = self._compute_loss(cosines, image_ids, relevance, relevance_order_i2t, relevance_order_t2i)
             loss, loss_triplet, loss_kendall = losses["loss"], losses["triplet"], losses["kendall"]
 
         return BCLSOutput(
@@ -548,18 +606,18 @@ class BCLSModel(BCLSPreTrainedModel):
 
     def _compute_loss(
         self,
-        logits_per_image: torch.Tensor,
+        cosines: torch.Tensor,
         image_ids: torch.Tensor | None,
         relevance: torch.Tensor | None,
         relevance_order_i2t: torch.Tensor | None,
         relevance_order_t2i: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        n_images, n_texts = logits_per_image.shape
+        n_images, n_texts = cosines.shape
         if n_images != n_texts:
             raise ValueError(
                 f"return_loss=True needs one image per caption (pairs), got {n_images} images and {n_texts} captions."
             )
-        device = logits_per_image.device
+        device = cosines.device
         if image_ids is None:
             positive_mask = torch.eye(n_images, dtype=torch.bool, device=device)
         else:
@@ -579,7 +637,7 @@ class BCLSModel(BCLSPreTrainedModel):
             relevance_order_t2i = relevance_order_t2i.to(device)
         with _fp32_region(device):
             return bcls_loss(
-                logits_per_image,
+                cosines,
                 positive_mask,
                 relevance,
                 sort_order_i2t=relevance_order_i2t,
@@ -701,8 +759,9 @@ class BCLSModel(BCLSPreTrainedModel):
         r"""
         Convert a CLIP checkpoint (`CLIPModel`-like: `vision_model`, `text_model`, `visual_projection`,
         `text_projection`) into a BCLS model: both towers and both projections are copied and `projection_dim` is
-        CLIP's, so that `get_image_features` / `get_text_features` equal CLIP's normalised projected features. CLIP's
-        `logit_scale` is dropped (BCLS scores are plain cosines). Unprefixed loading kwargs (`dtype`, `revision`, ...)
+        CLIP's, so that `get_image_features` / `get_text_features` equal CLIP's projected features. CLIP's learned
+        `logit_scale.exp()` becomes the fixed `config.logit_scale` (unless `logit_scale=` is given), so zero-shot
+        logits match CLIP's. Unprefixed loading kwargs (`dtype`, `revision`, ...)
         go to `AutoModel.from_pretrained`; the others to [`BCLSConfig`].
         """
         vision_kwargs, text_kwargs, config_kwargs = cls._split_kwargs(kwargs)
@@ -732,7 +791,11 @@ class BCLSModel(BCLSPreTrainedModel):
         config_kwargs["projection_dim"] = clip_dim
         config_kwargs.setdefault("vision_pooling", "pooler")
         config_kwargs.setdefault("text_pooling", "pooler")
+        if isinstance(getattr(clip, "logit_scale", None), torch.Tensor):
+            config_kwargs.setdefault("logit_scale", float(clip.logit_scale.detach().float().exp()))
         config = BCLSConfig.from_vision_text_configs(clip.vision_model.config, clip.text_model.config, **config_kwargs)
+        # Both towers come from this checkpoint (the model card lists it as the base model).
+        config.vision_config._name_or_path = config.text_config._name_or_path = str(clip_name_or_path)
         model = cls(config, vision_model=clip.vision_model, text_model=clip.text_model)
         model.visual_projection.to(clip.visual_projection.weight.dtype)
         model.text_projection.to(clip.text_projection.weight.dtype)

@@ -71,7 +71,7 @@ def test_trained_folder_loads_with_remote_code_only(trained, tmp_path):
     output_dir, _ = trained
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        expected = BCLSModel.from_pretrained(output_dir).eval().get_image_features(pixel_values=pixel_values)
+        expected = BCLSModel.from_pretrained(output_dir).eval().encode_image(pixel_values=pixel_values)
     save_file({"pixel_values": pixel_values, "expected": expected}, str(tmp_path / "check.safetensors"))
     stdout = run_without_package(
         """
@@ -82,7 +82,7 @@ def test_trained_folder_loads_with_remote_code_only(trained, tmp_path):
         model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
         check = load_file(sys.argv[2])
         with torch.no_grad():
-            features = model.get_image_features(pixel_values=check["pixel_values"])
+            features = model.encode_image(pixel_values=check["pixel_values"])
         print("MAX_DIFF", (features - check["expected"]).abs().max().item())
         """,
         [str(output_dir), str(tmp_path / "check.safetensors")],

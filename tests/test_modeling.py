@@ -165,17 +165,16 @@ def test_forward_shapes_normalisation_and_brute_force_reference(pair_model):
     assert out.logits_per_image.shape == (4, 4) and out.logits_per_image.dtype == torch.float32
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(4), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.logits_per_image, out.image_embeds @ out.text_embeds.T, atol=1e-6, rtol=0)
+    scale = model.config.logit_scale
+    torch.testing.assert_close(out.logits_per_image, scale * out.image_embeds @ out.text_embeds.T, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.T, atol=0, rtol=0)
 
     ref_image, ref_text = _reference_features(model, inputs)
     torch.testing.assert_close(out.image_embeds, ref_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.text_embeds, ref_text, atol=1e-5, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(model.get_image_features(inputs["pixel_values"]), out.image_embeds)
-        torch.testing.assert_close(
-            model.get_text_features(inputs["input_ids"], inputs["attention_mask"]), out.text_embeds
-        )
+        torch.testing.assert_close(model.encode_image(inputs["pixel_values"]), out.image_embeds)
+        torch.testing.assert_close(model.encode_text(inputs["input_ids"], inputs["attention_mask"]), out.text_embeds)
 
 
 def test_single_modality_forward_and_rectangular_logits(tiny_bcls_model):
@@ -199,8 +198,8 @@ def test_mean_pooling_ignores_padding(tiny_bcls_model):
     padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        short = tiny_bcls_model.get_text_features(ids, torch.ones_like(ids))
-        long = tiny_bcls_model.get_text_features(padded, mask)
+        short = tiny_bcls_model.encode_text(ids, torch.ones_like(ids))
+        long = tiny_bcls_model.encode_text(padded, mask)
     torch.testing.assert_close(short, long, atol=1e-5, rtol=0)
 
 
@@ -259,7 +258,8 @@ def test_forward_passes_batch_and_config_to_bcls_loss(monkeypatch, tiny_bcls_mod
     )
     (args, kwargs), = calls
     sim, positive_mask, passed_relevance = args
-    torch.testing.assert_close(sim, out.logits_per_image)
+    torch.testing.assert_close(sim, out.image_embeds @ out.text_embeds.T)  # the loss sees the unscaled cosines
+    torch.testing.assert_close(out.logits_per_image, sim * tiny_bcls_model.config.logit_scale)
     expected_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(positive_mask, expected_mask)
     assert passed_relevance.dtype == torch.float32
@@ -312,7 +312,8 @@ def test_bf16_autocast_keeps_similarities_and_loss_in_float32(tiny_bcls_model):
     for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "loss", "loss_triplet"):
         assert out[name].dtype == torch.float32, name
     assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.logits_per_image, out.image_embeds @ out.text_embeds.T, atol=1e-6, rtol=0)
+    scale = tiny_bcls_model.config.logit_scale
+    torch.testing.assert_close(out.logits_per_image, scale * out.image_embeds @ out.text_embeds.T, atol=1e-5, rtol=0)
     # A bf16 model (no autocast) also returns float32 scores.
     bf16 = tiny_bcls_model.to(torch.bfloat16)
     out = bf16(**{**inputs, "pixel_values": inputs["pixel_values"].bfloat16()}, return_loss=True)
@@ -358,7 +359,11 @@ def test_save_load_round_trip_and_auto_classes(tmp_path, pair_model):
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     assert _expected_code_files() <= files
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["auto_map"] == {"AutoConfig": "configuration_bcls.BCLSConfig", "AutoModel": "modeling_bcls.BCLSModel"}
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_bcls.BCLSConfig",
+        "AutoModel": "modeling_bcls.BCLSModel",
+        "AutoModelForZeroShotImageClassification": "modeling_bcls.BCLSModel",
+    }
 
     for loader in (BCLSModel.from_pretrained, AutoModel.from_pretrained):
         loaded, info = loader(tmp_path, output_loading_info=True)
@@ -498,7 +503,8 @@ def test_from_vision_text_pretrained_minilm_uses_mean_pooling(tmp_path, tiny_vit
     sentences = ["A dog runs along the beach.", "Two children play football in a park near a river.", "hi"]
     encoded = AutoTokenizer.from_pretrained(minilm_path())(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
-        pooled = F.normalize(model._pool_text(**encoded), dim=-1)
+        tower_outputs = model.text_model(**encoded)
+        pooled = F.normalize(model._pool(tower_outputs, "mean", encoded["attention_mask"], "text"), dim=-1)
     expected = SentenceTransformer(minilm_path(), device="cpu").encode(
         sentences, convert_to_tensor=True, normalize_embeddings=True
     )

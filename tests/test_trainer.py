@@ -99,8 +99,8 @@ def test_save_reload_model_card_and_hub_upload(splits, tmp_path, monkeypatch):
     original = trainer.model.eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(
-        reloaded.get_image_features(pixel_values=pixel_values),
-        original.get_image_features(pixel_values=pixel_values),
+        reloaded.encode_image(pixel_values=pixel_values),
+        original.encode_image(pixel_values=pixel_values),
         rtol=0, atol=1e-6,
     )
     metrics = evaluate_retrieval(reloaded, splits[1], trainer.processing_class, max_length=32, show_progress=False)

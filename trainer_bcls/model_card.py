@@ -1,11 +1,20 @@
-"""Renders the project's `model_card.md` template into a saved model's `README.md` (Hub model card)."""
+"""The Hub model card of a trained BCLS retriever: metadata as `huggingface_hub.ModelCardData` / `EvalResult`, text
+rendered from the project's Jinja template `model_card.md` with `ModelCard.from_template`.
+
+Metadata (YAML front matter): `base_model` (the Hub ids of both towers), `datasets`, `license`, `library_name`,
+`pipeline_tag: zero-shot-image-classification`, tags, and a `model-index` whose every metric names the split it
+was measured on (`dataset.split`). The text adds the towers, the loss hyperparameters, the library versions, the
+training log and usage examples.
+"""
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
+import re
 import sys
 from pathlib import Path
-from string import Template
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 METRIC_NAMES = {
     "i2t_r1": "Image→text R@1",
@@ -18,6 +27,11 @@ METRIC_NAMES = {
     "kendall_tau_b": "Kendall τ-b vs relevance",
     "ndcg@10": "nDCG@10 (relevance gain)",
 }
+TASK_TYPE = "image-text-retrieval"
+TAGS = ["bcls", "image-text-retrieval", "dual-encoder", "sentence-transformers", "zero-shot-image-classification"]
+VERSION_PACKAGES = ("bcls", "transformers", "torch", "datasets", "accelerate", "huggingface_hub", "sentence-transformers")
+# A Hub repo id: "name" or "owner/name" (letters, digits, '-', '_', '.').
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def template_path() -> Path:
@@ -41,34 +55,84 @@ def final_eval_metrics(log_history: list[dict], prefix: str = "eval_") -> dict[s
     return {}
 
 
-def _metrics_table(metrics: dict[str, float]) -> str:
-    rows = [(METRIC_NAMES[key], metrics[key]) for key in METRIC_NAMES if key in metrics]
-    if not rows:
-        return "No evaluation was run."
-    lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value:.4g} |" for name, value in rows]
-    return "\n".join(lines)
+def is_hub_repo_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub repo id rather than a local folder (only those are valid `base_model`s)."""
+    return bool(name) and _REPO_ID.match(str(name)) is not None and not Path(str(name)).exists()
 
 
-def _model_index(model_name: str, dataset: str, metrics: dict[str, float]) -> str:
-    if not any(key in metrics for key in METRIC_NAMES):
-        return ""
-    lines = [
-        "model-index:",
-        f"- name: {json.dumps(model_name)}",
-        "  results:",
-        "  - task:",
-        "      type: image-text-retrieval",
-        "      name: Image-Text Retrieval",
-        "    dataset:",
-        f"      name: {json.dumps(dataset)}",
-        "      type: image-text-retrieval",
-        "    metrics:",
+def tower_sources(model) -> dict[str, str | None]:
+    """Where each tower came from: the `_name_or_path` its sub-config kept (None when built from scratch)."""
+    config = model.config
+    return {
+        kind: (getattr(getattr(config, f"{kind}_config"), "_name_or_path", "") or None) for kind in ("vision", "text")
+    }
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSION_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def build_card_data(
+    model,
+    metrics: dict[str, float],
+    model_name: str,
+    eval_split: str | None = None,
+    eval_dataset: str | None = None,
+    datasets: str | list[str] | None = None,
+    base_models: str | list[str] | None = None,
+    license: str | None = "apache-2.0",
+) -> ModelCardData:
+    """`ModelCardData` of the card: one `EvalResult` per reported metric, each naming `eval_split`.
+
+    `base_models` defaults to the tower sources that are Hub ids; `eval_dataset` (the Hub id or name of the data
+    the metrics were measured on) defaults to the first of `datasets`, else "custom".
+    """
+    if base_models is None:
+        base_models = [source for source in tower_sources(model).values() if is_hub_repo_id(source)]
+    base_models = list(dict.fromkeys(_as_list(base_models)))  # unique, in order (a CLIP gives both towers)
+    datasets = _as_list(datasets)
+    eval_dataset = eval_dataset or (datasets[0] if datasets else "custom")
+    eval_results = [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name="Image-Text Retrieval",
+            dataset_type=eval_dataset,
+            dataset_name=eval_dataset,
+            dataset_split=eval_split or "unspecified",
+            metric_type=key,
+            metric_name=name,
+            metric_value=round(float(metrics[key]), 6),
+        )
+        for key, name in METRIC_NAMES.items()
+        if key in metrics
     ]
-    for key, name in METRIC_NAMES.items():
-        if key in metrics:
-            lines += [f"    - type: {key}", f"      value: {float(metrics[key]):.6g}", f"      name: {json.dumps(name)}"]
-    return "\n".join(lines)
+    return ModelCardData(
+        model_name=model_name,
+        base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
+        datasets=datasets or None,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        tags=TAGS,
+        eval_results=eval_results or None,
+    )
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, object]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+    return "\n".join(lines + [f"| {key} | {value} |" for key, value in rows])
 
 
 def _training_log(log_history: list[dict]) -> str:
@@ -83,40 +147,59 @@ def _training_log(log_history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(
+def build_model_card(
     model,
     log_history: list[dict] | None = None,
     model_name: str | None = None,
     dataset: str | None = None,
     repo_id: str | None = None,
-) -> str:
-    """The model card text for `model` (a [`BCLSModel`]) and its training log."""
+    eval_split: str | None = None,
+    eval_dataset: str | None = None,
+    datasets: str | list[str] | None = None,
+    base_models: str | list[str] | None = None,
+    license: str | None = "apache-2.0",
+) -> ModelCard:
+    """The `ModelCard` of `model` (a [`BCLSModel`]): metadata from [`build_card_data`], text from `model_card.md`.
+
+    `dataset` is a free-text description of the training data; `datasets` are Hub dataset ids (metadata).
+    `eval_split` names the split the final evaluation in `log_history` ran on.
+    """
     config = model.config
     metrics = final_eval_metrics(log_history or [])
     model_name = model_name or "bcls-retriever"
-    dataset = dataset or "not specified"
-    loss_keys = config.loss_kwargs()
-    loss_rows = [f"| `{key}` | {value} |" for key, value in loss_keys.items()]
-    loss_table = "\n".join(["| hyperparameter | value |", "| --- | --- |", *loss_rows])
-    fields = {
-        "model_name": model_name,
-        "repo_id": repo_id or model_name,
-        "dataset": dataset,
-        "tags": "",
-        "model_index": _model_index(model_name, dataset, metrics),
-        "vision_model_type": config.vision_config.model_type,
-        "text_model_type": config.text_config.model_type,
-        "projection_dim": config.projection_dim,
-        "metrics_table": _metrics_table(metrics),
-        "loss_table": loss_table,
-        "training_log": _training_log(log_history or []),
-    }
-    return Template(template_path().read_text(encoding="utf-8")).substitute(fields)
+    card_data = build_card_data(
+        model, metrics, model_name, eval_split, eval_dataset, datasets, base_models, license
+    )
+    sources = tower_sources(model)
+    metric_rows = [(name, f"{metrics[key]:.4g}") for key, name in METRIC_NAMES.items() if key in metrics]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,  # ModelCardData keeps it in the model-index only
+        repo_id=repo_id or model_name,
+        training_data=dataset or "not specified",
+        eval_split=eval_split or "unspecified",
+        vision_model_type=config.vision_config.model_type,
+        text_model_type=config.text_config.model_type,
+        vision_source=sources["vision"] or "trained from scratch",
+        text_source=sources["text"] or "trained from scratch",
+        projection_dim=config.projection_dim,
+        logit_scale=f"{float(getattr(config, 'logit_scale', 1 / 0.07)):.4g}",
+        metrics_table=_table(("metric", "value"), metric_rows) if metric_rows else None,
+        loss_table=_table(("hyperparameter", "value"), [(f"`{k}`", v) for k, v in config.loss_kwargs().items()]),
+        versions_table=_table(("library", "version"), list(library_versions().items())),
+        training_log=_training_log(log_history or []),
+    )
+
+
+def render_model_card(model, **kwargs) -> str:
+    """The model card text (YAML front matter + markdown); `kwargs` as [`build_model_card`]."""
+    return str(build_model_card(model, **kwargs))
 
 
 def write_model_card(output_dir: str | Path, model, **kwargs) -> Path:
     """Renders the card and writes it to `output_dir/README.md`."""
     path = Path(output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(model, **kwargs), encoding="utf-8")
+    build_model_card(model, **kwargs).save(path)
     return path

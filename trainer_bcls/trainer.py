@@ -10,8 +10,8 @@ What it adds to `Trainer`:
 - a locked vision tower (`trainer_bcls.tower_freezing.freeze_tower`) runs once per distinct image: its pooled
   outputs are cached (`trainer_bcls.locked_image_cache`, `cache_locked_image_features=True`, the default) and
   passed to the model as `vision_pooled_output`; bypassed, with a warning, when the collator augments images.
-- `create_model_card` renders the project's `model_card.md` template (metrics table, data, loss
-  hyperparameters, usage, citation, `model-index`).
+- `create_model_card` writes a `huggingface_hub.ModelCard` (base models, datasets, license, `model-index` with the
+  eval split) rendered from the project's `model_card.md` Jinja template.
 """
 
 from __future__ import annotations
@@ -253,16 +253,36 @@ class BCLSTrainer(Trainer):
             (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
 
     # ------------------------------------------------------------ model card
-    def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs) -> None:
-        """Writes `README.md` in the output dir, rendered from the project's `model_card.md` template."""
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset: str | None = None,
+        eval_split: str | None = None,
+        datasets: str | list[str] | None = None,
+        license: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Writes `README.md` in the output dir: `huggingface_hub.ModelCard` rendered from `model_card.md`.
+
+        `eval_split` names the split the logged `eval_*` metrics were measured on; `datasets` are Hub dataset ids
+        for the card metadata; `license` defaults to "apache-2.0". Values given once are remembered, so the card
+        that `push_to_hub` regenerates keeps them (other `Trainer.create_model_card` arguments are ignored).
+        """
         if not self.is_world_process_zero():
             return
         from .model_card import write_model_card
 
+        given = {"model_name": model_name, "dataset": dataset, "eval_split": eval_split, "datasets": datasets,
+                 "license": license}
+        self._card_options = {**getattr(self, "_card_options", {}), **{k: v for k, v in given.items() if v}}
+        options = self._card_options
         write_model_card(
             self.args.output_dir,
             model=self.accelerator.unwrap_model(self.model),
             log_history=self.state.log_history,
-            model_name=model_name or self.args.hub_model_id,
-            dataset=dataset or self.data_description,
+            model_name=options.get("model_name") or self.args.hub_model_id,
+            dataset=options.get("dataset") or self.data_description,
+            eval_split=options.get("eval_split"),
+            datasets=options.get("datasets"),
+            license=options.get("license", "apache-2.0"),
         )
