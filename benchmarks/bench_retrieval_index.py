@@ -8,13 +8,14 @@ Writes small synthetic JPEGs (coloured shapes, in 10 subfolders) to a temporary 
 model (ViT 64 px / patch 8 / hidden 64 / 2 layers + BERT hidden 64 / 2 layers, projection 128), then times:
 the index build (walk + decode + embed + save), an incremental run adding `--add` new files, loading the index,
 and per-query latency (embed the text + search, exact torch and FAISS), against the baseline of decoding and
-embedding the whole folder for one query. Prints a markdown table; all ratios are against the baseline measured
-in the same process.
+embedding the whole folder for one query, and the peak memory increase of each in a fresh process. Prints a
+markdown table; all ratios are against the baseline measured in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -65,7 +66,41 @@ def reembed_folder_per_query(retrieval_model, folder: Path, query: str, top_k: i
     return [str(paths[i]) for i in top.indices]
 
 
+def peak_rss_mib(kind: str, images: Path, model: Path, batch_size: int, threads: int) -> float:
+    """Peak resident memory of a fresh process that runs only the baseline or only the index build."""
+    import subprocess
+
+    output = subprocess.run(
+        [sys.executable, __file__, "--_memory_probe", kind, str(images), str(model), str(batch_size), str(threads)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return float(output.strip().splitlines()[-1])
+
+
+def memory_probe(kind: str, images: str, model: str, batch_size: str, threads: str) -> None:
+    import resource
+    import tempfile
+
+    import torch
+
+    from trainer_bcls.image_sources import FolderSource
+    from trainer_bcls.retrieval_index import RetrievalModel, build_index
+
+    torch.set_num_threads(int(threads))
+    retrieval_model = RetrievalModel.from_pretrained(model, device="cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "baseline":
+        reembed_folder_per_query(retrieval_model, Path(images), "a red circle", 10, int(batch_size))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_index(retrieval_model, FolderSource(images), tmp, batch_size=int(batch_size), show_progress=False)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB on Linux
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_memory_probe":
+        return memory_probe(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=10_000)
     parser.add_argument("--image_size", type=int, default=64)
@@ -74,10 +109,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--top_k", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="Alternated baseline / build runs (minimum kept).")
+    parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory runs (two fresh processes).")
     args = parser.parse_args(argv)
 
     import torch
     from threadpoolctl import threadpool_limits
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, threadpool_limits)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, threadpool_limits) -> list[dict]:
+    import torch
 
     from trainer_bcls.image_sources import FolderSource
     from trainer_bcls.retrieval_index import (
@@ -89,7 +137,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     from trainer_bcls.tiny_towers import build_tiny_model_and_processor
 
-    torch.set_num_threads(args.threads)
     rows: list[dict] = []
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
         tmp = Path(tmp)
@@ -107,16 +154,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{args.num_images} JPEGs of {args.image_size} px written in {generated:.1f} s; model "
               f"{num_params / 1e6:.2f} M parameters; {args.threads} thread(s); faiss: {faiss_available()}")
 
-        # baseline: re-embed the whole folder for one query
-        started = time.perf_counter()
-        baseline_hits = reembed_folder_per_query(retrieval_model, tmp / "images", queries[0], args.top_k,
-                                                 args.batch_size)
-        baseline = time.perf_counter() - started
-
-        started = time.perf_counter()
-        _, report = build_index(retrieval_model, FolderSource(tmp / "images"), tmp / "idx",
-                                batch_size=args.batch_size, show_progress=False)
-        build = time.perf_counter() - started
+        # baseline (re-embed the whole folder for one query) and the one-shot build, alternated `--repeats` times;
+        # the minimum of each is kept (the machine may be shared)
+        baselines, builds = [], []
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            baseline_hits = reembed_folder_per_query(retrieval_model, tmp / "images", queries[0], args.top_k,
+                                                     args.batch_size)
+            baselines.append(time.perf_counter() - started)
+            shutil.rmtree(tmp / "idx", ignore_errors=True)
+            started = time.perf_counter()
+            _, report = build_index(retrieval_model, FolderSource(tmp / "images"), tmp / "idx",
+                                    batch_size=args.batch_size, show_progress=False)
+            builds.append(time.perf_counter() - started)
+        baseline, build = min(baselines), min(builds)
+        print(f"re-embedding runs: {', '.join(f'{t:.1f}' for t in baselines)} s; "
+              f"builds: {', '.join(f'{t:.1f}' for t in builds)} s")
         assert report.added == args.num_images
         index = RetrievalIndex.load(tmp / "idx")
         hits = [h.path for h in index.search(embed_text_queries(retrieval_model, queries[:1]), args.top_k)[0]]
@@ -129,6 +182,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 batch_size=args.batch_size, show_progress=False)
         incremental = time.perf_counter() - started
         assert report.added == args.add and report.already_indexed == args.num_images
+
+        memory = {} if args.no_memory else {
+            kind: peak_rss_mib(kind, tmp / "images", tmp / "model", args.batch_size, args.threads)
+            for kind in ("baseline", "build")
+        }
 
         backends = ["exact"] + (["faiss"] if faiss_available() else [])
         load_times, query_times, search_times = {}, {}, {}
@@ -149,15 +207,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     n, total = args.num_images, args.num_images + args.add
     rows.append({"step": f"re-embed the folder per query (old retrieve.py), {n} images", "seconds": baseline,
-                 "per_query_ms": baseline * 1e3, "ratio": 1.0})
-    rows.append({"step": f"build index, {n} images (walk + decode + embed + save)", "seconds": build})
+                 "per_query_ms": baseline * 1e3, "ratio": 1.0, **({"peak_mib": memory["baseline"]} if memory else {})})
+    rows.append({"step": f"build index, {n} images (walk + decode + embed + save)", "seconds": build,
+                 **({"peak_mib": memory["build"]} if memory else {})})
     rows.append({"step": f"incremental run: +{args.add} new files ({total} walked)", "seconds": incremental})
     for backend in backends:
         rows.append({"step": f"load index ({total} rows, {backend})", "seconds": load_times[backend]})
         rows.append({"step": f"query: embed text + {backend} search, top {args.top_k}", "seconds": None,
                      "per_query_ms": query_times[backend] * 1e3, "ratio": baseline / query_times[backend],
                      "search_ms": search_times[backend] * 1e3})
-    print("\n| step | time | per query | speed-up vs re-embedding |\n| --- | --- | --- | --- |")
+    print("\n| step | time | per query | speed-up vs re-embedding | peak memory increase |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         seconds = row.get("seconds")
         seconds = "" if seconds is None else (f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms")
@@ -165,7 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "search_ms" in row:
             per_query += f" (search {row['search_ms']:.2f} ms)"
         ratio = f"{row['ratio']:.0f}×" if "ratio" in row else ""
-        print(f"| {row['step']} | {seconds} | {per_query} | {ratio} |")
+        peak = f"{row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""
+        print(f"| {row['step']} | {seconds} | {per_query} | {ratio} | {peak} |")
     print(f"\nThe index pays for itself after {build / baseline:.2f} queries' worth of re-embedding.")
     return rows
 

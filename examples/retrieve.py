@@ -7,7 +7,8 @@
 
 `index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
 in batches and saves `embeddings.safetensors`, `index.json` and, with faiss installed, `index.faiss`; run it again
-to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit: {"query", "rank", "path", "score"}.
+to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit:
+{"query", "rank", "path", "score"}.
 
 Without a sub-command, the one-off form embeds the folder for this call only:
 

@@ -104,7 +104,7 @@ def _brute_force(model_dir: Path, paths: list[Path], queries: list[str]) -> torc
 
 def test_index_and_search_equal_brute_force_over_model_embeddings(model_dir, image_dir, tmp_path, capsys):
     summary = _retrieve("index", "--model", model_dir, "--images", image_dir, "--output", tmp_path / "idx",
-                        "--batch_size", "3", "--device", "cpu", "--no_progress")
+                        "--batch_size", "3", "--num_workers", "2", "--device", "cpu", "--no_progress")
     assert summary["images"] == summary["added"] == len(IMAGE_NAMES) and summary["skipped"] == 0
     metadata = json.loads((tmp_path / "idx" / METADATA_FILE).read_text())
     expected_paths = sorted(str((image_dir / n).resolve()) for n in IMAGE_NAMES)
@@ -281,10 +281,14 @@ def test_one_off_form_searches_subfolders(model_dir, image_dir):
     assert paths == {(image_dir / n).resolve() for n in IMAGE_NAMES}
 
 
-def test_empty_folder_is_a_clear_error(model_dir, tmp_path):
+def test_empty_or_missing_folder_is_a_clear_error(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images found"):
         _retrieve("index", "--model", model_dir, "--images", tmp_path / "empty", "--output", tmp_path / "idx")
+    with pytest.raises(SystemExit, match="image folder not found"):
+        _retrieve("index", "--model", model_dir, "--images", tmp_path / "nope", "--output", tmp_path / "idx")
+    with pytest.raises(SystemExit, match="not a folder, and loading it as a Hub dataset failed"):
+        _retrieve("index", "--model", model_dir, "--images", "no-such-dataset-xyz", "--output", tmp_path / "idx")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,3 +371,15 @@ def test_evaluate_with_bf16_on_cpu_is_close_to_fp32(model_dir, synthetic_dir, tm
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert abs(fp32[key] - bf16[key]) <= 10.0, key  # recall in percent: a few near-tied ranks may swap
     assert abs(fp32["kendall_tau_b"] - bf16["kendall_tau_b"]) < 0.02
+
+
+def test_benchmark_script_runs_on_a_few_images(capsys):
+    path = ROOT / "benchmarks" / "bench_retrieval_index.py"
+    spec = importlib.util.spec_from_file_location("bench_retrieval_index", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--num_images", "24", "--add", "4", "--num_queries", "2", "--repeats", "1",
+                        "--no_memory"])
+    out = capsys.readouterr().out
+    assert "equal to the re-embedding baseline's: True" in out and "| build index, 24 images" in out
+    assert all(row["ratio"] > 0 for row in rows if "ratio" in row)

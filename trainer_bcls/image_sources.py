@@ -150,8 +150,15 @@ def open_image_source(images: str | os.PathLike, split: str | None = None, image
         dataset, name = load_from_disk(str(path)), str(path.resolve())
     elif path.exists():
         raise ValueError(f"{images} is a file; give a folder of images or a dataset")
+    elif os.path.isabs(images) or str(images).startswith((".", "~")):
+        raise FileNotFoundError(f"image folder not found: {images}")
     else:
-        dataset, name = load_dataset(str(images), split=split or "train"), str(images)
+        try:
+            dataset, name = load_dataset(str(images), split=split or "train"), str(images)
+        except Exception as err:  # offline, unknown id, no such split, ...
+            raise FileNotFoundError(
+                f"{images} is not a folder, and loading it as a Hub dataset failed: {type(err).__name__}: {err}"
+            ) from err
         split = split or "train"
     if isinstance(dataset, DatasetDict):
         if split is None:

@@ -4,8 +4,8 @@ An index folder holds
 
 - `embeddings.safetensors`: one tensor `embeddings`, float32 [N, D], row i = `model.encode_image` of `paths[i]`
   (L2-normalised, so the inner product is the cosine similarity, the model's retrieval score);
-- `index.json`: `paths` (sorted) with their change `stamps`, the model name and fingerprint (sha256 of its weights), `dim`, `normalized`,
-  `bf16` (the precision the images were embedded in);
+- `index.json`: `paths` (sorted) with their change `stamps`, the model name and fingerprint (sha256 of its
+  weights), `dim`, `normalized`, `bf16` (the precision the images were embedded in);
 - `index.faiss`: a FAISS `IndexFlatIP` over the same rows, written when `faiss` is importable.
 
 Search returns, per query q, the top k rows by s_i = <q, e_i>: FAISS when available, otherwise an exact torch
@@ -257,7 +257,8 @@ class RetrievalIndex:
             embeddings = load_file(str(folder / EMBEDDINGS_FILE))["embeddings"]
         except Exception as err:  # missing, truncated or foreign file
             raise InvalidDataError(f"cannot read {folder / EMBEDDINGS_FILE}: {type(err).__name__}: {err}") from err
-        if tuple(embeddings.shape) != (metadata["count"], metadata["dim"]) or len(metadata["paths"]) != metadata["count"]:
+        count, dim = metadata["count"], metadata["dim"]
+        if tuple(embeddings.shape) != (count, dim) or len(metadata["paths"]) != count:
             raise InvalidDataError(
                 f"{folder}: embeddings {tuple(embeddings.shape)} do not match {METADATA_FILE} "
                 f"({metadata['count']} paths, dim {metadata['dim']}); the index is damaged, rebuild it"
@@ -366,7 +367,8 @@ def build_index(
     embedded, and rows of this source's images that no longer exist are removed. Rows stay sorted by path, so the
     result equals a one-shot build of the same images."""
     if len(source) == 0:
-        raise InvalidDataError(f"no images found in {source.name} (image suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InvalidDataError(f"no images found in {source.name} (image suffixes: {suffixes})")
     if output is not None and (Path(output) / METADATA_FILE).exists():
         index = RetrievalIndex.load(output, use_faiss=use_faiss)
         index.check_model(retrieval_model.fingerprint, retrieval_model.bf16, where=f"index {output}")
