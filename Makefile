@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_retrieval_index.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
