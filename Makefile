@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_locked_cache.py
+	$(PY) benchmarks/bench_retrieval_index.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

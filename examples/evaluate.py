@@ -30,6 +30,7 @@ from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
 from trainer_bcls import build_relevance_labels, default_synthetic_dir, encode_split, load_pairs  # noqa: E402
 from trainer_bcls.evaluation import split_metrics  # noqa: E402
 from trainer_bcls.image_loading import to_rgb  # noqa: E402
+from trainer_bcls.inference_device import prepare_for_inference  # noqa: E402
 from trainer_bcls.metrics import judgment_correlation, load_judgments  # noqa: E402
 
 logger = logging.getLogger("bcls.evaluate")
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=None, help="Default: <model>/eval-<split>.")
     parser.add_argument("--num_examples", type=int, default=3, help="Queries shown in the report.")
     parser.add_argument("--no_report", action="store_true", help="Skip the PNG report.")
+    parser.add_argument("--device", default=None, help="cuda, mps, cpu, ... (default: cuda, else mps, else cpu).")
+    parser.add_argument("--bf16", action="store_true", help="Run the model in bfloat16 (embeddings stay float32).")
     return parser.parse_args(argv)
 
 
@@ -145,7 +148,7 @@ def _wrap(text: str, width: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model = BCLSModel.from_pretrained(args.model).eval()
+    model = prepare_for_inference(BCLSModel.from_pretrained(args.model), args.device, args.bf16)
     processor = BCLSProcessor.from_pretrained(args.model)
     data = args.dataset or str(default_synthetic_dir())
     pairs = load_pairs(data, args.split, args.image_column, args.caption_column, skip_invalid=args.skip_invalid)

@@ -1,105 +1,182 @@
 #!/usr/bin/env python
-"""Retrieve with a BCLS model: text→image over a folder of images, and image→text over a list of captions.
+"""Retrieve with a BCLS model: embed a gallery once into an index, then search it by text or by image.
+
+    python examples/retrieve.py index --model outputs/demo --images path/to/images --output gallery.idx
+    python examples/retrieve.py search --index gallery.idx --query "a red circle" --top_k 5
+    python examples/retrieve.py search --index gallery.idx --image photo.jpg --top_k 5
+
+`index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
+in batches and saves `embeddings.safetensors`, `index.json` and, with faiss installed, `index.faiss`; run it again
+to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit:
+{"query", "rank", "path", "score"}.
+
+Without a sub-command, the one-off form embeds the folder for this call only:
 
     python examples/retrieve.py --model outputs/demo --images path/to/images --query "a red circle" --top_k 5
     python examples/retrieve.py --model outputs/demo --image photo.jpg --captions "a dog" "a cat" "a red circle"
-    python examples/retrieve.py --model outputs/demo --image photo.jpg --captions_file captions.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
-
-import torch
-from PIL import Image, UnidentifiedImageError
 
 # `examples/evaluate.py` must not shadow the `evaluate` package: drop this folder from the import path, and add
 # the repository root so that the scripts also run from a source checkout.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
-from trainer_bcls.evaluation import encode_images, encode_texts  # noqa: E402
-from trainer_bcls.image_loading import to_rgb  # noqa: E402
+from trainer_bcls.data_errors import InvalidDataError  # noqa: E402
+from trainer_bcls.evaluation import encode_texts  # noqa: E402
+from trainer_bcls.image_sources import FolderSource, open_image_source  # noqa: E402
+from trainer_bcls.retrieval_index import (  # noqa: E402
+    RetrievalIndex,
+    RetrievalModel,
+    build_index,
+    embed_image_queries,
+    embed_text_queries,
+)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def load_images(folder: Path) -> tuple[list[Path], list[Image.Image]]:
-    """Every readable image in `folder` (sorted); unreadable files are reported and skipped."""
-    paths, images, skipped = [], [], []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            with Image.open(path) as image:
-                images.append(to_rgb(image))
-            paths.append(path)
-        except (UnidentifiedImageError, OSError) as error:
-            skipped.append(f"{path.name} ({error.__class__.__name__})")
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}", file=sys.stderr)
-    if not images:
-        raise SystemExit(f"no readable images in {folder}")
-    return paths, images
+DEVICE_HELP = "cuda, mps, cpu, cuda:1, ... (default: cuda when available, else mps, else cpu)"
 
 
-def text_to_image(model, processor, images_dir: str, queries: list[str], top_k: int) -> list[list[tuple[str, float]]]:
-    paths, images = load_images(Path(images_dir))
-    image_embeds = encode_images(model, processor, images, show_progress=False)
-    text_embeds = encode_texts(model, processor, queries, show_progress=False)
-    scores = text_embeds @ image_embeds.T
-    results = []
-    for row in scores:
-        top = torch.topk(row, k=min(top_k, len(paths)))
-        results.append([(str(paths[i]), float(s)) for s, i in zip(top.values, top.indices)])
-    return results
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+    parser.add_argument("--bf16", action="store_true", help="Run the model in bfloat16 (embeddings stay float32).")
 
 
-def image_to_text(model, processor, image_path: str, captions: list[str], top_k: int) -> list[tuple[str, float]]:
-    with Image.open(image_path) as image:
-        image_embeds = encode_images(model, processor, [to_rgb(image)], show_progress=False)
-    text_embeds = encode_texts(model, processor, captions, show_progress=False)
-    scores = (image_embeds @ text_embeds.T)[0]
-    top = torch.topk(scores, k=min(top_k, len(captions)))
-    return [(captions[i], float(s)) for s, i in zip(top.values, top.indices)]
+def index_command(args: argparse.Namespace) -> dict:
+    source = open_image_source(args.images, args.split, args.image_column)
+    model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
+    index, report = build_index(
+        model, source, args.output, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
+        num_workers=args.num_workers, show_progress=not args.no_progress,
+    )  # fmt: skip
+    summary = {
+        "index": str(args.output), "images": report.total, "added": report.added, "updated": report.updated,
+        "removed": report.removed, "already_indexed": report.already_indexed, "skipped": len(report.skipped),
+        "backend": index.backend,
+    }  # fmt: skip
+    print(json.dumps(summary))
+    return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", help="Folder of images to search (text→image).")
-    parser.add_argument("--query", action="append", default=[], help="Caption query (repeatable).")
-    parser.add_argument("--image", help="Image query (image→text).")
-    parser.add_argument("--captions", nargs="*", default=[], help="Candidate captions for --image.")
-    parser.add_argument("--captions_file", help="File with one candidate caption per line.")
-    parser.add_argument("--top_k", type=int, default=5)
-    args = parser.parse_args(argv)
+def search_command(args: argparse.Namespace) -> list[dict]:
+    if not args.query and not args.image:
+        raise SystemExit("search needs --query TEXT and/or --image PATH")
+    index = RetrievalIndex.load(args.index)
+    model = RetrievalModel.from_pretrained(args.model or index.model_name, args.device, args.bf16)
+    index.check_model(model.fingerprint, where=f"index {args.index}")
+    queries, labels = [], []
+    if args.query:
+        queries.append(embed_text_queries(model, args.query))
+        labels += args.query
+    if args.image:
+        queries.append(embed_image_queries(model, args.image))
+        labels += args.image
+    import torch
+
+    rows = []
+    for label, hits in zip(labels, index.search(torch.cat(queries), args.top_k)):
+        for hit in hits:
+            row = {"query": label, "rank": hit.rank, "path": hit.path, "score": round(hit.score, 6)}
+            print(json.dumps(row, ensure_ascii=False))
+            rows.append(row)
+    return rows
+
+
+def one_off_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Embed the folder for this call only (no index saved) and/or rank captions for one image."""
     if not ((args.images and args.query) or args.image):
         parser.error("give --images with --query (text→image), or --image with --captions (image→text)")
-
-    model = BCLSModel.from_pretrained(args.model).eval()
-    processor = BCLSProcessor.from_pretrained(args.model)
+    model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
     output: dict = {}
     if args.images and args.query:
+        index, report = build_index(model, FolderSource(args.images), None, skip_invalid=True, show_progress=False)
+        if len(index) == 0:
+            raise SystemExit(f"no readable images in {args.images}")
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} unreadable file(s): {', '.join(k for k, _ in report.skipped)}",
+                  file=sys.stderr)
         output["text_to_image"] = {}
-        for query, hits in zip(args.query, text_to_image(model, processor, args.images, args.query, args.top_k)):
-            output["text_to_image"][query] = hits
+        for query, hits in zip(args.query, index.search(embed_text_queries(model, args.query), args.top_k)):
+            output["text_to_image"][query] = [(hit.path, hit.score) for hit in hits]
             print(f"\nquery: {query}")
-            for rank, (path, score) in enumerate(hits, 1):
-                print(f"  {rank}. {score:.4f}  {path}")
+            for hit in hits:
+                print(f"  {hit.rank}. {hit.score:.4f}  {hit.path}")
     if args.image:
         captions = list(args.captions)
         if args.captions_file:
             captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
         if not captions:
             parser.error("--image needs --captions or --captions_file")
-        hits = image_to_text(model, processor, args.image, captions, args.top_k)
-        output["image_to_text"] = hits
+        image_embeds = embed_image_queries(model, [args.image])
+        text_embeds = encode_texts(model.model, model.processor, captions, show_progress=False)
+        scores = (image_embeds @ text_embeds.T)[0]
+        order = scores.argsort(descending=True)[: args.top_k].tolist()
+        output["image_to_text"] = [(captions[i], float(scores[i])) for i in order]
         print(f"\nimage: {args.image}")
-        for rank, (caption, score) in enumerate(hits, 1):
+        for rank, (caption, score) in enumerate(output["image_to_text"], 1):
             print(f"  {rank}. {score:.4f}  {caption}")
     return output
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="Embed a folder or dataset of images into an index folder.")
+    index.add_argument("--model", required=True, help="A saved BCLS model folder (or Hub id).")
+    index.add_argument("--images", required=True, help="A folder of images (recursive), a save_to_disk folder or a "
+                       "Hub dataset id.")
+    index.add_argument("--output", required=True, help="Index folder (created, or extended with new images).")
+    index.add_argument("--split", default=None, help="Dataset split (default: the only one, else train).")
+    index.add_argument("--image_column", default=None, help="Dataset image column (default: image / first Image).")
+    index.add_argument("--batch_size", type=int, default=64)
+    index.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding images.")
+    index.add_argument("--skip_invalid", action="store_true", help="Skip (and log) unreadable images, not fail.")
+    index.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    _add_device_args(index)
+
+    search = commands.add_parser("search", help="Search an index by text and/or image; one JSON line per hit.")
+    search.add_argument("--index", required=True)
+    search.add_argument("--query", action="append", default=[], help="Text query (repeatable).")
+    search.add_argument("--image", action="append", default=[], help="Image query file (repeatable).")
+    search.add_argument("--top_k", type=int, default=10)
+    search.add_argument("--model", default=None, help="Default: the model recorded in the index.")
+    _add_device_args(search)
+
+    one_off = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    one_off.add_argument("--model", required=True)
+    one_off.add_argument("--images", help="Folder of images to search (text→image; subfolders included).")
+    one_off.add_argument("--query", action="append", default=[], help="Caption query (repeatable).")
+    one_off.add_argument("--image", help="Image query (image→text).")
+    one_off.add_argument("--captions", nargs="*", default=[], help="Candidate captions for --image.")
+    one_off.add_argument("--captions_file", help="File with one candidate caption per line.")
+    one_off.add_argument("--top_k", type=int, default=5)
+    _add_device_args(one_off)
+    return parser, one_off
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
+    parser, one_off = build_parsers()
+    try:
+        if argv and argv[0] in ("index", "search"):
+            args = parser.parse_args(argv)
+            return index_command(args) if args.command == "index" else search_command(args)
+        if argv and argv[0] in ("-h", "--help"):
+            parser.print_help()
+            raise SystemExit(0)
+        return one_off_command(one_off.parse_args(argv), one_off)
+    except (InvalidDataError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
 
 
 if __name__ == "__main__":
