@@ -43,6 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _check_sim, _empty_terms, _reduce
 
@@ -50,6 +51,7 @@ from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _
 _SURROGATES = ("hinge", "logistic")
 _NUMPY_SORT_MIN_ELEMENTS = 1 << 14  # below this torch.sort is as fast
 _THREADED_SORT_MIN_ELEMENTS = 1 << 18
+_KERNEL_ELEMENTS_PER_THREAD = 1 << 15
 _BLOCK_ELEMENTS = 1 << 22  # pair block size of the non-mined path (elements of one [rows, anchors, partners] block)
 
 
@@ -98,10 +100,19 @@ def _cpu_kernels(*tensors: torch.Tensor):
     return get_kernels()
 
 
+def _kernel_threads(array: torch.Tensor) -> int:
+    """Threads for a compiled kernel over the rows of ``array``: ``torch.get_num_threads()`` (the threads torch is
+    given), 1 inside a DataLoader worker (the collator's sort orders: the workers already run in parallel), and at
+    most one per ``_KERNEL_ELEMENTS_PER_THREAD`` elements (a chunk must outweigh the hand-off to a pooled thread)."""
+    if get_worker_info() is not None:
+        return 1
+    return max(1, min(torch.get_num_threads(), array.shape[0], array.numel() // _KERNEL_ELEMENTS_PER_THREAD))
+
+
 def _sort_rows(np, array) -> None:
     """In-place row sort of a 2-D NumPy array, split over ``torch.get_num_threads()`` threads when it is large (NumPy
     releases the GIL while sorting). The pool is created per call, so forked DataLoader workers are safe."""
-    threads = min(torch.get_num_threads(), array.shape[0], 8)
+    threads = min(torch.get_num_threads(), array.shape[0], 8) if get_worker_info() is None else 1
     if threads < 2 or array.size < _THREADED_SORT_MIN_ELEMENTS:
         array.sort(axis=1)
         return
@@ -122,7 +133,8 @@ def _sort_descending(relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], t
         kernels = _cpu_kernels(relevance)
         if kernels is not None:  # (rows read in place: a transposed matrix is copied once, not read with strides)
             order = torch.empty(relevance.shape, dtype=torch.long)
-            kernels.sort_rows_descending(relevance.contiguous().view(torch.int32).numpy(), order.numpy())
+            bits = relevance.contiguous().view(torch.int32)
+            kernels.sort_rows_descending(bits.numpy(), order.numpy(), _kernel_threads(order))
             return None, order
         np = _numpy() if relevance.numel() >= _NUMPY_SORT_MIN_ELEMENTS and relevance.device.type == "cpu" else None
         if np is not None and sys.byteorder == "little":
@@ -197,7 +209,7 @@ def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
         values = sorted_rel.contiguous()
         start = torch.empty(values.shape, dtype=torch.long)
         gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
-        kernels.window_starts(values.numpy(), values.numpy().dtype.type(gap), start.numpy())
+        kernels.window_starts(values.numpy(), values.numpy().dtype.type(gap), start.numpy(), _kernel_threads(start))
         return start
     if label_gap == 0:
         return _tie_group_end(sorted_rel)
@@ -262,7 +274,7 @@ def _label_windows(
     gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
     kernels.label_windows(
         bits, values.numpy(), values.numpy().dtype.type(gap), sort_order is not None, order.numpy(), start.numpy(),
-        status.numpy(),
+        status.numpy(), _kernel_threads(start),
     )
     code, row, where = status.tolist()
     if code == 2:
@@ -365,7 +377,7 @@ class _HardestPairLoss(torch.autograd.Function):
             slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
             kernels.hardest_pairs(
                 sim.detach().numpy(), order.contiguous().numpy(), start.contiguous().numpy(), int(width), hinge,
-                float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(),
+                float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(), _kernel_threads(terms),
             )
             if need_grad:
                 ctx.save_for_backward(order, partner, slope)
@@ -387,7 +399,7 @@ class _HardestPairLoss(torch.autograd.Function):
             grad_sim = torch.zeros(partner.shape, dtype=grad_output.dtype)
             ctx.kernels.hardest_pairs_backward(  # grad_output is often an expanded scalar (stride 0): read as it is
                 grad_output.numpy(), order.contiguous().numpy(), partner.numpy(), ctx.hinge, slope.numpy(),
-                grad_sim.numpy(),
+                grad_sim.numpy(), _kernel_threads(grad_sim),
             )
             return grad_sim, None, None, None, None, None
         g = torch.where(slope, grad_output, 0) if slope.dtype == torch.bool else slope * grad_output
