@@ -124,8 +124,9 @@ if numba is not None:
         cache, then their starts are merged four at a time).
 
         ``sorted_keys``: ``order`` holds each row's sorted :func:`sort_keys` and is overwritten with their columns;
-        otherwise ``order`` is a given order, checked to sort each row descending (``status = [2, row, position]``
-        on the first failure, else ``[0, 0, 0]``; its columns are checked to lie in ``[0, Nc)`` by the caller)."""
+        otherwise ``order`` is a given order, checked to hold columns in ``[0, Nc)`` (``status = [3, row,
+        position]`` on the first failure) that sort each row descending (``status = [2, row, position]``); ``status``
+        is ``[0, 0, 0]`` when every row passes."""
         num_queries, num_candidates = values.shape
         block = 4
         sorted_block = np.empty((block, num_candidates), values.dtype)
@@ -142,7 +143,11 @@ if numba is not None:
                         sorted_values[b] = values[q, column]
                 else:
                     for b in range(num_candidates):
-                        sorted_values[b] = values[q, order[q, b]]
+                        column = order[q, b]
+                        if column < 0 or column >= num_candidates:
+                            status[0], status[1], status[2] = 3, q, b
+                            return
+                        sorted_values[b] = values[q, column]
                         if b > 0 and sorted_values[b] > sorted_values[b - 1]:
                             status[0], status[1], status[2] = 2, q, b - 1
                             return

@@ -116,6 +116,13 @@ def test_bad_sort_order_names_its_row_from_any_chunk(monkeypatch):
     order[33, [10, 11]] = order[33, [11, 10]]
     with pytest.raises(ValueError, match="row 33 is not sorted by relevance descending at positions 10, 11"):
         kendall_ranking_loss(sim, relevance, window_size=3, sort_order=order)
+    order = relevance_sort_order(relevance)
+    order[35, 7] = 30  # the range is checked in the kernel's pass
+    with pytest.raises(ValueError, match=r"outside \[0, 30\): 30 at row 35, position 7"):
+        kendall_ranking_loss(sim, relevance, window_size=3, sort_order=order)
+    order[2, [0, -1]] = order[2, [-1, 0]]  # an unsorted row before it: the range error still comes first
+    with pytest.raises(ValueError, match="outside"):
+        kendall_ranking_loss(sim, relevance, window_size=3, sort_order=order)
 
 
 class _KernelThreads(torch.utils.data.Dataset):
