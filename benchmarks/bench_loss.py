@@ -12,23 +12,28 @@ For each batch size B it times, in this one process, one training step of the lo
 * All-pairs Kendall      ``window_size=None, hard_mining=False`` (O(B^3); only B <= 512)
 * Label side only        the labels-only part of BCLS total: both directions' sorts and window starts (no ``sim``);
                          ``BCLS total - Label side only`` is what remains in the loss when a collator precomputes it
+* ... (torch path)       Kendall SW-HS and BCLS total on the pure-torch Kendall path (the compiled kernels switched
+                         off), which is what runs on GPU tensors: its CPU cost here, for comparison
 
 Time is the median over repeats, cases interleaved round-robin (rotating the order each round) so that load from
 other processes hits all cases alike; the slow all-pairs case is timed separately, with a third of the repeats.
-With ``--threads 1`` it is the CPU time of the (only) working thread (``time.thread_time``), which stays meaningful
-on a machine shared with other jobs; otherwise it is wall-clock time with torch's default thread count.
+Every thread count of ``--threads`` (default: 1 and torch's default) gets its own table rows, each against VSE++ at
+that thread count. With 1 thread the time is the CPU time of the (only) working thread (``time.thread_time``), which
+stays meaningful on a machine shared with other jobs; otherwise it is wall-clock time (the Kendall kernels split
+their rows over the same threads as torch).
 Peak memory is measured in a fresh subprocess per case: the increase of the resident set (``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``, minus ``VmRSS`` before) over one step, with glibc told to ``mmap`` every allocation
 of 4 KiB or more (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set at once. It counts
 ``sim``, its gradient and every intermediate of the step, not the inputs.
 
-    python benchmarks/bench_loss.py [--sizes 128 512 2048 4096] [--threads 1] [--no-memory]
-    BCLS_DISABLE_NUMBA=1 python benchmarks/bench_loss.py ...     # the pure-torch Kendall path, for comparison
+    python benchmarks/bench_loss.py [--sizes 128 512 2048 4096] [--threads 1 2] [--no-memory]
+    BCLS_DISABLE_NUMBA=1 python benchmarks/bench_loss.py ...     # every Kendall case on the pure-torch path
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -59,7 +64,11 @@ KENDALL = dict(
     surrogate=_DEFAULTS["kendall_surrogate"],
     hard_mining=_DEFAULTS["kendall_hard_mining"],
 )
-CASES = ["VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "Label side only", "All-pairs Kendall"]
+TORCH_PATH = " (torch path)"
+CASES = [
+    "VSE++ triplet", "Triplet-SN", "Kendall SW-HS", "BCLS total", "Label side only",
+    "Kendall SW-HS" + TORCH_PATH, "BCLS total" + TORCH_PATH, "All-pairs Kendall",
+]
 
 
 def make_inputs(batch_size: int, seed: int = 0):
@@ -98,7 +107,27 @@ def label_side(relevance):
         loss_kendall._label_windows(rel, relevance_sort_order(rel), KENDALL["label_gap"])
 
 
+@contextlib.contextmanager
+def torch_path(enabled: bool = True):
+    """The Kendall loss without its compiled kernels (its GPU path, run on CPU) while inside."""
+    original = loss_kendall.get_kernels
+    if enabled:
+        loss_kendall.get_kernels = lambda: None
+    try:
+        yield
+    finally:
+        loss_kendall.get_kernels = original
+
+
 def make_step(case: str, img, txt, mask, relevance):
+    if case.endswith(TORCH_PATH):
+        inner = make_step(case[: -len(TORCH_PATH)], img, txt, mask, relevance)
+
+        def on_torch_path():
+            with torch_path():
+                return inner()
+
+        return on_torch_path
     if case == "Label side only":
         return lambda: label_side(relevance)
     losses = {
@@ -166,9 +195,9 @@ def memory_probe(batch_size: int, case: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def measure_memory(batch_size: int, case: str, threads: int | None) -> float:
+def measure_memory(batch_size: int, case: str, threads: int) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
-    thread_args = ["--threads", str(threads)] if threads else []
+    thread_args = ["--threads", str(threads)]
     out = subprocess.run(
         [sys.executable, __file__, *thread_args, "--memory-probe", str(batch_size), case],
         env=env, check=True, capture_output=True, text=True,
@@ -180,27 +209,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 4096])
     parser.add_argument("--repeat-scale", type=float, default=1.0, help="multiplies the number of repeats")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1: report per-thread CPU time)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None,
+        help="torch thread counts, one table section each (default: 1 and torch's default; 1: per-thread CPU time)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-probe", nargs=2, metavar=("B", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.memory_probe:
+        if args.threads:
+            torch.set_num_threads(args.threads[0])
         memory_probe(int(args.memory_probe[0]), args.memory_probe[1])
         return
 
+    default_threads = torch.get_num_threads()
+    thread_counts = args.threads or sorted({1, default_threads})
     torch.manual_seed(0)
-    cpu_time = torch.get_num_threads() == 1
-    clock = time.thread_time if cpu_time else time.perf_counter
     print(
         f"# Loss cost, fwd+bwd of `sim = img @ txt.T` + loss (both directions), dim {DIM}, float32, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, load average at start "
-        f"{os.getloadavg()[0]:.2f}"
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch default threads {default_threads}, "
+        f"load average at start {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"# time: median of interleaved repeats ({'CPU time of the single torch thread' if cpu_time else 'wall clock'}); "
-        "peak mem: resident-set increase over one step, fresh process per case"
+        "# time: median of interleaved repeats (1 thread: CPU time of the single torch thread; more: wall clock), "
+        "× VSE++ at the same thread count; peak mem: resident-set increase over one step, fresh process per case "
+        f"(run with {thread_counts[0]} thread(s))"
     )
     print("# Kendall SW-HS and BCLS total include the label-side relevance_sort_order of both directions")
     print(f"# Kendall knobs (BCLSConfig defaults): {KENDALL}")
@@ -210,21 +243,26 @@ def main() -> None:
     else:
         import numba
 
-        print(f"# Kendall path: compiled CPU kernels (numba {numba.__version__}); BCLS_DISABLE_NUMBA=1 for the torch path")
+        print(f"# Kendall path: compiled CPU kernels (numba {numba.__version__}); '{TORCH_PATH.strip()}': without them")
     print()
-    print("| B | loss | time (ms) | × VSE++ | peak mem (MiB) | × VSE++ |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for batch_size in args.sizes:
-        repeats = max(1, round(REPEATS.get(batch_size, 3) * args.repeat_scale))
-        times = time_cases(batch_size, repeats, clock)
-        memory = {} if args.no_memory else {case: measure_memory(batch_size, case, args.threads) for case in times}
-        for case, seconds in times.items():
-            ratio = seconds / times["VSE++ triplet"]
-            mem = "– | –"
-            if memory:
-                base = memory["VSE++ triplet"]
-                mem = f"{memory[case]:.2f} | " + (f"{memory[case] / base:.2f}" if base >= 0.25 else "n/a (< 0.25 MiB)")
-            print(f"| {batch_size} | {case} | {seconds * 1e3:.1f} | {ratio:.2f} | {mem} |", flush=True)
+    print("| threads | B | loss | time (ms) | × VSE++ | peak mem (MiB) | × VSE++ |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        clock = time.thread_time if threads == 1 else time.perf_counter
+        for batch_size in args.sizes:
+            repeats = max(1, round(REPEATS.get(batch_size, 3) * args.repeat_scale))
+            times = time_cases(batch_size, repeats, clock)
+            memory = {}
+            if not args.no_memory and threads == thread_counts[0]:
+                memory = {case: measure_memory(batch_size, case, threads) for case in times}
+            for case, seconds in times.items():
+                ratio = seconds / times["VSE++ triplet"]
+                mem = "– | –"
+                if memory:
+                    base = memory["VSE++ triplet"]
+                    mem = f"{memory[case]:.2f} | " + (f"{memory[case] / base:.2f}" if base >= 0.25 else "n/a (< 0.25 MiB)")
+                print(f"| {threads} | {batch_size} | {case} | {seconds * 1e3:.1f} | {ratio:.2f} | {mem} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
-"""Compiled CPU kernels of the Kendall SW-HS loss (Numba), linear-time per sorted row.
+"""Compiled CPU kernels of the Kendall SW-HS loss (Numba), linear-time per sorted row, run over row chunks on
+the threads the caller gives.
 
 They compute exactly what the torch path of :mod:`.loss_kendall` computes, in one pass each instead of several
 ``[Nq, Nc]`` tensor passes:
 
-* :func:`sort_rows_descending` — ``torch.sort(R, dim=1, descending=True, stable=True).indices`` of a float32
-  relevance matrix by an LSD radix sort of the 32-bit monotone keys, stable by construction;
+* :func:`sort_keys` + NumPy's sort — ``torch.sort(R, dim=1, descending=True, stable=True).indices`` of a float32
+  relevance matrix: the unique uint64 keys ``monotone(-R) << 32 | column`` sorted by NumPy (a SIMD sort on x86,
+  faster here than a radix sort), so any sort is the stable one;
 * :func:`window_starts` — ``start[q, a]`` = first sorted position ``b > a`` with ``R_a - R_b > g`` (``Nc`` if none),
   by two pointers (``start`` is non-decreasing in ``a``), with the spec's exact test in the labels' dtype;
-* :func:`label_windows` — both of the above in one pass over the labels (or a given order, checked, + the starts);
+* :func:`label_windows` — the window starts from freshly sorted keys, or from a given order (checked);
 * :func:`hardest_pairs` / :func:`hardest_pairs_backward` — per sorted anchor the hardest pair of its window
-  ``[start_a, min(start_a + w, Nc))`` by a sliding maximum (doubling) of the similarities in sorted order, the
-  term ``phi(max_b S_b - S_a)`` and its gradient routed to the anchor and partner columns.
+  ``[start_a, min(start_a + w, Nc))`` by a van Herk / Gil-Werman sliding maximum of the similarities in sorted
+  order, the term ``phi(max_b S_b - S_a)`` and its gradient routed to the anchor and partner columns.
 
-Time O(Nq * Nc) for the sort and the window starts, O(Nq * Nc * log w) for the sliding maximum (O(Nq * Nc) when
-unbounded); memory O(Nq * Nc). Ties of the maximum pick the first
-(lowest sorted position) partner, a valid subgradient.
+Time O(Nq * Nc log Nc) for the sort (a few ns per label), O(Nq * Nc) for the rest whatever ``w``; memory
+O(Nq * Nc). Ties of the maximum pick the first (lowest sorted position) partner, a valid subgradient.
+
+Threads. Rows are independent: the wrappers returned by :func:`get_kernels` take a trailing ``threads`` count and
+split the rows into that many contiguous chunks, run concurrently on a persistent thread pool (the kernels release
+the GIL; the calling thread takes the first chunk). Each row is computed by the same code whatever the chunking,
+so the results are bit-identical for every thread count. The pool belongs to the process that made it (a forked
+DataLoader worker makes its own, if it ever asks for more than one thread).
 
 Numba is an install dependency of ``bcls``, but this module is optional at run time (:mod:`.loss_kendall` imports it
 on first use of the loss): :func:`get_kernels` returns ``None`` when Numba cannot be imported (e.g. a model loaded
@@ -26,8 +33,10 @@ Numba (module-level functions, so that the cache also serves kernels that call o
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 
 try:  # (a try block: transformers' remote-code import check does not require what is imported here)
@@ -41,46 +50,28 @@ if numba is not None:
     _jit = numba.njit(cache=True, nogil=True)
 
     @_jit
-    def radix_sort_row(bits, packed, packed_out, histogram, order):
-        """order[:] = the columns of one row of float32 bit patterns in descending label order, equal labels in column
-        order: an LSD radix sort (4 byte digits; a digit shared by the whole row is skipped) of ``key << 32 | column``
-        with 32-bit monotone keys, stable by construction."""
-        num_candidates = bits.shape[0]
-        histogram[:] = 0
-        for c in range(num_candidates):
-            b = bits[c]
-            if b == -2147483648:  # -0.0 compares equal to +0.0
-                b = 0
-            if b < 0:  # negative floats: flip the magnitude bits so that int32 order == float order
-                b = b ^ 0x7FFFFFFF
-            key = np.uint32(~b) ^ np.uint32(0x80000000)  # ascending unsigned key == descending label
-            packed[c] = (np.uint64(key) << np.uint64(32)) | np.uint64(c)
-            histogram[0, key & 255] += 1
-            histogram[1, (key >> 8) & 255] += 1
-            histogram[2, (key >> 16) & 255] += 1
-            histogram[3, key >> 24] += 1
-        src, dst = packed, packed_out
-        for digit in range(4):
-            counts = histogram[digit]
-            shared = False
-            total = 0
-            for d in range(256):  # counts -> first output slot of each digit value
-                count = counts[d]
-                shared = shared or count == num_candidates
-                counts[d] = total
-                total += count
-            if shared:
-                continue
-            shift = np.uint64(32 + 8 * digit)
-            for i in range(num_candidates):  # stable scatter
-                value = src[i]
-                d = (value >> shift) & np.uint64(255)
-                slot = counts[d]
-                counts[d] = slot + 1
-                dst[slot] = value
-            src, dst = dst, src
-        for i in range(num_candidates):
-            order[i] = src[i] & np.uint64(0xFFFFFFFF)
+    def sort_keys(bits, keys):
+        """keys[q, c] = ``key << 32 | c`` (uint64) for the float32 bit patterns ``bits`` [Nq, Nc] (int32 view of
+        finite labels), with a 32-bit key whose ascending order is the labels' descending order (-0.0 and +0.0 get
+        the same key): the keys are unique, so any sort of them is the stable descending sort of the labels."""
+        num_queries, num_candidates = bits.shape
+        for q in range(num_queries):
+            for c in range(num_candidates):
+                b = bits[q, c]
+                if b == -2147483648:  # -0.0 compares equal to +0.0
+                    b = 0
+                if b < 0:  # negative floats: flip the magnitude bits so that int32 order == float order
+                    b = b ^ 0x7FFFFFFF
+                key = np.uint32(~b) ^ np.uint32(0x80000000)  # ascending unsigned key == descending label
+                keys[q, c] = (np.uint64(key) << np.uint64(32)) | np.uint64(c)
+
+    @_jit
+    def key_columns(keys, order):
+        """order[q, i] = the column of the sorted key keys[q, i] (its low 32 bits); ``order`` may alias ``keys``."""
+        num_queries, num_candidates = keys.shape
+        for q in range(num_queries):
+            for i in range(num_candidates):
+                order[q, i] = np.int64(keys[q, i] & np.uint64(0xFFFFFFFF))
 
     @_jit
     def window_start_step(row, out, a, p, gap):
@@ -128,28 +119,15 @@ if numba is not None:
             q += 1
 
     @_jit
-    def sort_rows_descending(bits, order):
-        """order[q] = ``torch.sort(values[q], descending=True, stable=True).indices`` for the float32 bit patterns
-        ``bits`` [Nq, Nc] (int32 view of finite labels)."""
-        num_queries, num_candidates = bits.shape
-        packed = np.empty(num_candidates, np.uint64)
-        packed_out = np.empty(num_candidates, np.uint64)
-        histogram = np.zeros((4, 256), np.int64)
-        for q in range(num_queries):
-            radix_sort_row(bits[q], packed, packed_out, histogram, order[q])
+    def label_windows(values, gap, sorted_keys, order, start, status):
+        """Window starts of every row (rows are gathered in sorted order into a small block buffer that stays in
+        cache, then their starts are merged four at a time).
 
-    @_jit
-    def label_windows(bits, values, gap, given_order, order, start, status):
-        """Sort order and window starts of every row in one pass over the labels (rows are sorted into a small
-        block buffer that stays in cache, then their starts are merged four at a time).
-
-        ``given_order``: ``order`` is an input, checked to sort each row descending (``status = [2, row, position]``
-        on the first failure, else ``[0, 0, 0]``; its columns are checked to lie in ``[0, Nc)`` by the caller);
-        otherwise ``order`` is written by the radix sort of ``bits`` (int32 view of the float32 ``values``)."""
+        ``sorted_keys``: ``order`` holds each row's sorted :func:`sort_keys` and is overwritten with their columns;
+        otherwise ``order`` is a given order, checked to hold columns in ``[0, Nc)`` (``status = [3, row,
+        position]`` on the first failure) that sort each row descending (``status = [2, row, position]``); ``status``
+        is ``[0, 0, 0]`` when every row passes."""
         num_queries, num_candidates = values.shape
-        packed = np.empty(num_candidates, np.uint64)
-        packed_out = np.empty(num_candidates, np.uint64)
-        histogram = np.zeros((4, 256), np.int64)
         block = 4
         sorted_block = np.empty((block, num_candidates), values.dtype)
         status[:] = 0
@@ -158,16 +136,21 @@ if numba is not None:
             for r in range(rows):
                 q = first + r
                 sorted_values = sorted_block[r]
-                if given_order:
+                if sorted_keys:
                     for b in range(num_candidates):
-                        sorted_values[b] = values[q, order[q, b]]
+                        column = np.int64(order[q, b] & 0xFFFFFFFF)
+                        order[q, b] = column
+                        sorted_values[b] = values[q, column]
+                else:
+                    for b in range(num_candidates):
+                        column = order[q, b]
+                        if column < 0 or column >= num_candidates:
+                            status[0], status[1], status[2] = 3, q, b
+                            return
+                        sorted_values[b] = values[q, column]
                         if b > 0 and sorted_values[b] > sorted_values[b - 1]:
                             status[0], status[1], status[2] = 2, q, b - 1
                             return
-                else:
-                    radix_sort_row(bits[q], packed, packed_out, histogram, order[q])
-                    for b in range(num_candidates):
-                        sorted_values[b] = values[q, order[q, b]]
             window_starts(sorted_block[:rows], gap, start[first : first + rows])
 
     @_jit
@@ -176,47 +159,45 @@ if numba is not None:
         when need_grad, partner[q, a] = column of the maximum (-1 where phi' = 0: empty window, or hinge with
         d <= 0) and, for the logistic surrogate only, slope[q, a] = phi'(d).
 
-        Per row: the similarities in sorted order, padded with ``-inf`` up to ``Nc + w``; a sliding (value, first
-        position) maximum of width ``w`` by doubling (``floor(log2 w)`` passes of pairwise maxima plus one
-        overlapping pass), or a suffix maximum when the window is unbounded; then one lookup per anchor."""
+        Per row: the similarities in sorted order and a sliding maximum of width ``w`` by van Herk / Gil-Werman:
+        with the row cut into blocks of ``w`` positions, the window ``[s, s + w)`` is the suffix of ``s``'s block
+        (its maximum ``suffix[s]``) followed by a prefix of the next block (``prefix[s + w - 1]``, the positions
+        past ``Nc`` reading ``-inf``), so two passes (prefix and suffix maxima within blocks) and one lookup per
+        anchor, O(Nc) whatever ``w``. The (value, first position) maximum: ties keep the lower sorted position in
+        both passes and in the combination. Unbounded windows are a suffix maximum of the whole row."""
         num_queries, num_candidates = sim.shape
         bounded = width < num_candidates
-        length = num_candidates + (width if bounded else 0)
-        best = np.empty(length, sim.dtype)
-        best_next = np.empty(length, sim.dtype)
-        at = np.empty(length, np.int64)
-        at_next = np.empty(length, np.int64)
-        anchor_values = np.empty(num_candidates, sim.dtype)
+        length = num_candidates + width - 1 if bounded else num_candidates  # window ends s + w - 1 <= Nc + w - 2
+        values = np.empty(length, sim.dtype)
+        prefix = np.empty(length, sim.dtype)
+        prefix_at = np.empty(length, np.int32)
+        suffix = np.empty(num_candidates, sim.dtype)
+        suffix_at = np.empty(num_candidates, np.int32)
         minus_inf = -np.inf
         for q in range(num_queries):
             for b in range(num_candidates):
-                value = sim[q, order[q, b]]
-                anchor_values[b] = value
-                best[b] = value
-                at[b] = b
+                values[b] = sim[q, order[q, b]]
             for b in range(num_candidates, length):
-                best[b] = minus_inf
-                at[b] = 0
+                values[b] = minus_inf
+            block = width if bounded else num_candidates
+            for first in range(0, num_candidates, block):  # suffix maxima within blocks (real positions only)
+                last = min(first + block, num_candidates) - 1
+                best, at = values[last], last
+                suffix[last], suffix_at[last] = best, at
+                for j in range(last - 1, first - 1, -1):
+                    value = values[j]
+                    if value >= best:  # >=: the lower position on ties
+                        best, at = value, j
+                    suffix[j], suffix_at[j] = best, at
             if bounded:
-                # after a pass with shift h, best[j] = max of [j, j + span + h): doubling while the span fits, then one
-                # overlapping pass (h = w - span) that closes the window; ties keep the left (first) position
-                size = length
-                span = 1
-                while span < width:
-                    shift = span if 2 * span <= width else width - span
-                    for j in range(size - shift):
-                        right = best[j + shift] > best[j]
-                        best_next[j] = best[j + shift] if right else best[j]
-                        at_next[j] = at[j + shift] if right else at[j]
-                    best, best_next = best_next, best
-                    at, at_next = at_next, at
-                    size -= shift
-                    span += shift
-            else:
-                for j in range(num_candidates - 2, -1, -1):  # suffix maximum
-                    if best[j + 1] > best[j]:
-                        best[j] = best[j + 1]
-                        at[j] = at[j + 1]
+                for first in range(width, length, width):  # prefix maxima within blocks (the first block is unused)
+                    best, at = values[first], first
+                    prefix[first], prefix_at[first] = best, at
+                    for j in range(first + 1, min(first + width, length)):
+                        value = values[j]
+                        if value > best:  # >: the lower position on ties
+                            best, at = value, j
+                        prefix[j], prefix_at[j] = best, at
             for a in range(num_candidates):
                 s = start[q, a]
                 if s >= num_candidates:  # empty window
@@ -224,7 +205,12 @@ if numba is not None:
                     if need_grad:
                         partner[q, a] = -1
                     continue
-                d = best[s] - anchor_values[a]
+                best, at = suffix[s], suffix_at[s]
+                if bounded and s % width != 0:  # the window also covers a prefix of the next block
+                    end = s + width - 1
+                    if prefix[end] > best:
+                        best, at = prefix[end], prefix_at[end]
+                d = best - values[a]
                 if hinge:
                     terms[q, a] = max(d, 0)
                 else:
@@ -232,9 +218,9 @@ if numba is not None:
                     terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
                 if need_grad:
                     if hinge:  # slope 1 on the partner, or no gradient at all (partner -1): no slope array
-                        partner[q, a] = order[q, at[s]] if d > 0 else -1
+                        partner[q, a] = order[q, at] if d > 0 else -1
                     else:
-                        partner[q, a] = order[q, at[s]]
+                        partner[q, a] = order[q, at]
                         slope[q, a] = 1 / (1 + np.exp(-d / temperature))
 
     @_jit
@@ -252,19 +238,128 @@ if numba is not None:
                 grad_sim[q, column] += g
 
 
+_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_key = (0, 0)  # (process id, workers) of _pool: a forked child (a DataLoader worker) makes its own
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The module's persistent thread pool with at least ``workers`` threads, created in this process."""
+    global _pool, _pool_key
+    with _pool_lock:
+        pid = os.getpid()
+        if _pool is None or _pool_key[0] != pid or _pool_key[1] < workers:
+            if _pool is not None and _pool_key[0] == pid:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="bcls-kendall")
+            _pool_key = (pid, workers)
+        return _pool
+
+
+def row_chunks(num_rows: int, threads: int, multiple: int = 1) -> List[Tuple[int, int]]:
+    """At most ``threads`` contiguous ``(first, end)`` row ranges covering ``[0, num_rows)``, their sizes multiples
+    of ``multiple`` (but the last)."""
+    if num_rows <= 0:
+        return [(0, 0)]
+    threads = max(1, min(threads, num_rows))
+    size = -(-num_rows // threads)
+    size = -(-size // multiple) * multiple
+    return [(first, min(first + size, num_rows)) for first in range(0, num_rows, size)]
+
+
+def over_rows(call: Callable[[int, int], object], num_rows: int, threads: int, multiple: int = 1) -> list:
+    """``[call(first, end) for each row chunk]``, the chunks run concurrently on ``threads`` threads (the calling one
+    takes the first chunk). The kernels release the GIL and rows are independent, so the results are those of
+    one call over all rows, bit for bit."""
+    chunks = row_chunks(num_rows, threads, multiple)
+    if len(chunks) == 1:
+        return [call(*chunks[0])]
+    futures = [_executor(len(chunks) - 1).submit(call, *chunk) for chunk in chunks[1:]]
+    first = call(*chunks[0])
+    return [first] + [future.result() for future in futures]
+
+
+def _sorted_keys(bits, order) -> None:
+    """order (int64 [Nq, Nc]) = the sorted :func:`sort_keys` of ``bits``, in place: NumPy's sort (SIMD on x86,
+    GIL released) of the unique keys."""
+    keys = order.view(np.uint64)
+    sort_keys(bits, keys)
+    keys.sort(axis=1)
+
+
+def _sort_rows_descending(bits, order, threads: int = 1) -> None:
+    """order[q] = ``torch.sort(R[q], descending=True, stable=True).indices`` for the float32 bit patterns ``bits``
+    [Nq, Nc] (int32 view of finite labels ``R``)."""
+
+    def chunk(i, j):
+        _sorted_keys(bits[i:j], order[i:j])
+        key_columns(order[i:j].view(np.uint64), order[i:j])
+
+    over_rows(chunk, order.shape[0], threads)
+
+
+def _window_starts(sorted_rel, gap, start, threads: int = 1) -> None:
+    over_rows(lambda i, j: window_starts(sorted_rel[i:j], gap, start[i:j]), start.shape[0], threads, 4)
+
+
+_LABEL_BLOCK_ELEMENTS = 1 << 16  # rows sorted, then windowed, together: a block that stays in cache
+
+
+def _label_windows(bits, values, gap, given_order, order, start, status, threads: int = 1) -> None:
+    """Sort order (unless ``given_order``: then checked) and window starts of every row, over row chunks in
+    blocks of about ``_LABEL_BLOCK_ELEMENTS``; ``status`` reports the first failing row of all of them."""
+    num_queries, num_candidates = values.shape
+    block = max(4, _LABEL_BLOCK_ELEMENTS // max(num_candidates, 1) // 4 * 4)
+
+    def chunk(i, j):
+        chunk_status = np.zeros(3, status.dtype)
+        for first in range(i, j, block):
+            end = min(first + block, j)
+            if not given_order:
+                _sorted_keys(bits[first:end], order[first:end])
+            label_windows(values[first:end], gap, not given_order, order[first:end], start[first:end], chunk_status)
+            if chunk_status[0]:
+                chunk_status[1] += first
+                break
+        return chunk_status
+
+    failed = [chunk_status for chunk_status in over_rows(chunk, num_queries, threads, 4) if chunk_status[0]]
+    status[:] = failed[0] if failed else 0
+
+
+def _hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope, threads: int = 1):
+    def chunk(i, j):
+        hardest_pairs(
+            sim[i:j], order[i:j], start[i:j], width, hinge, temperature, need_grad, terms[i:j],
+            partner[i:j] if need_grad else partner, slope[i:j] if slope.shape[0] else slope,
+        )
+
+    over_rows(chunk, sim.shape[0], threads)
+
+
+def _hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim, threads: int = 1) -> None:
+    def chunk(i, j):
+        hardest_pairs_backward(
+            grad_terms[i:j], order[i:j], partner[i:j], hinge, slope[i:j] if slope.shape[0] else slope, grad_sim[i:j]
+        )
+
+    over_rows(chunk, grad_sim.shape[0], threads)
+
+
 _KERNELS = None
 if numba is not None:
     _KERNELS = SimpleNamespace(
-        sort_rows_descending=sort_rows_descending,
-        label_windows=label_windows,
-        window_starts=window_starts,
-        hardest_pairs=hardest_pairs,
-        hardest_pairs_backward=hardest_pairs_backward,
+        sort_rows_descending=_sort_rows_descending,
+        label_windows=_label_windows,
+        window_starts=_window_starts,
+        hardest_pairs=_hardest_pairs,
+        hardest_pairs_backward=_hardest_pairs_backward,
     )
 
 
 def get_kernels() -> Optional[SimpleNamespace]:
-    """The compiled kernels, or ``None`` when Numba is unavailable or ``BCLS_DISABLE_NUMBA`` is set to a true value."""
+    """The compiled kernels (each taking a trailing ``threads`` count), or ``None`` when Numba is unavailable or
+    ``BCLS_DISABLE_NUMBA`` is set to a true value."""
     if os.environ.get("BCLS_DISABLE_NUMBA", "").lower() in ("1", "true", "yes"):
         return None
     return _KERNELS

@@ -26,7 +26,8 @@ each sorted row. Similarity side with hard mining: the similarities in sorted or
 backward: O(Nq Nc log w) time and O(Nq Nc) memory, never an ``[Nq, Nc, Nc]`` tensor.
 
 Two implementations compute exactly this. On CPU tensors with Numba available, the compiled kernels of
-:mod:`.kendall_kernels` (radix sort, fused label pass, one pass per row for the hardest pairs and their gradient).
+:mod:`.kendall_kernels` (sort of packed keys, fused label pass, one pass per row for the hardest pairs and their
+gradient), their rows split over ``torch.get_num_threads()`` threads (one inside DataLoader workers).
 Otherwise (GPU tensors, no Numba, ``BCLS_DISABLE_NUMBA=1``) torch operations: ``torch.sort`` (or NumPy's SIMD sort of
 packed int64 keys for large CPU inputs), ``torch.searchsorted`` checked by the exact test, ``gather``, elementwise
 maxima and ``scatter_add``. Without hard mining all O(Nq Nc w) pairs (O(Nq Nc^2) when unbounded) are evaluated in
@@ -43,6 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _check_sim, _empty_terms, _reduce
 
@@ -50,6 +52,7 @@ from .loss_triplet_sn import _check_finite, _check_positive, _check_reduction, _
 _SURROGATES = ("hinge", "logistic")
 _NUMPY_SORT_MIN_ELEMENTS = 1 << 14  # below this torch.sort is as fast
 _THREADED_SORT_MIN_ELEMENTS = 1 << 18
+_KERNEL_ELEMENTS_PER_THREAD = 1 << 15
 _BLOCK_ELEMENTS = 1 << 22  # pair block size of the non-mined path (elements of one [rows, anchors, partners] block)
 
 
@@ -98,10 +101,19 @@ def _cpu_kernels(*tensors: torch.Tensor):
     return get_kernels()
 
 
+def _kernel_threads(array: torch.Tensor) -> int:
+    """Threads for a compiled kernel over the rows of ``array``: ``torch.get_num_threads()`` (the threads torch is
+    given), 1 inside a DataLoader worker (the collator's sort orders: the workers already run in parallel), and at
+    most one per ``_KERNEL_ELEMENTS_PER_THREAD`` elements (a chunk must outweigh the hand-off to a pooled thread)."""
+    if get_worker_info() is not None:
+        return 1
+    return max(1, min(torch.get_num_threads(), array.shape[0], array.numel() // _KERNEL_ELEMENTS_PER_THREAD))
+
+
 def _sort_rows(np, array) -> None:
     """In-place row sort of a 2-D NumPy array, split over ``torch.get_num_threads()`` threads when it is large (NumPy
     releases the GIL while sorting). The pool is created per call, so forked DataLoader workers are safe."""
-    threads = min(torch.get_num_threads(), array.shape[0], 8)
+    threads = min(torch.get_num_threads(), array.shape[0], 8) if get_worker_info() is None else 1
     if threads < 2 or array.size < _THREADED_SORT_MIN_ELEMENTS:
         array.sort(axis=1)
         return
@@ -113,7 +125,7 @@ def _sort_descending(relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], t
     """Row-wise ``torch.sort(relevance, dim=1, descending=True, stable=True)`` as (sorted values or None when the
     path does not produce them, indices).
 
-    On CPU for float32: the compiled radix sort of :mod:`.kendall_kernels` when Numba is available; otherwise, for
+    On CPU for float32: the compiled key sort of :mod:`.kendall_kernels` when Numba is available; otherwise, for
     large inputs, NumPy's SIMD sort of unique int64 keys ``(monotone_key(-R) << 32) + column``, which returns the
     same permutation (unique keys make any sort stable). Both are several times faster than ``torch.sort`` on CPU.
     """
@@ -122,7 +134,8 @@ def _sort_descending(relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], t
         kernels = _cpu_kernels(relevance)
         if kernels is not None:  # (rows read in place: a transposed matrix is copied once, not read with strides)
             order = torch.empty(relevance.shape, dtype=torch.long)
-            kernels.sort_rows_descending(relevance.contiguous().view(torch.int32).numpy(), order.numpy())
+            bits = relevance.contiguous().view(torch.int32)
+            kernels.sort_rows_descending(bits.numpy(), order.numpy(), _kernel_threads(order))
             return None, order
         np = _numpy() if relevance.numel() >= _NUMPY_SORT_MIN_ELEMENTS and relevance.device.type == "cpu" else None
         if np is not None and sys.byteorder == "little":
@@ -197,7 +210,7 @@ def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
         values = sorted_rel.contiguous()
         start = torch.empty(values.shape, dtype=torch.long)
         gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
-        kernels.window_starts(values.numpy(), values.numpy().dtype.type(gap), start.numpy())
+        kernels.window_starts(values.numpy(), values.numpy().dtype.type(gap), start.numpy(), _kernel_threads(start))
         return start
     if label_gap == 0:
         return _tie_group_end(sorted_rel)
@@ -226,16 +239,20 @@ def _window_start(sorted_rel: torch.Tensor, label_gap: float) -> torch.Tensor:
     return start
 
 
-def _check_sort_order(sort_order, relevance: torch.Tensor) -> torch.Tensor:
+def _outside_message(num_candidates: int) -> str:
+    return f"`sort_order` has column indices outside [0, {num_candidates})"
+
+
+def _check_sort_order(sort_order, relevance: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     if not isinstance(sort_order, torch.Tensor) or sort_order.is_floating_point() or sort_order.dtype == torch.bool:
         raise ValueError("`sort_order` must be an integer tensor, as returned by relevance_sort_order(relevance)")
     if tuple(sort_order.shape) != tuple(relevance.shape):
         raise ValueError(f"`sort_order` has shape {tuple(sort_order.shape)} but relevance has shape {tuple(relevance.shape)}")
     order = sort_order.to(device=relevance.device, dtype=torch.long)
-    if order.numel():
+    if check_range and order.numel():
         low, high = torch.aminmax(order)
         if int(low) < 0 or int(high) >= relevance.shape[1]:
-            raise ValueError(f"`sort_order` has column indices outside [0, {relevance.shape[1]})")
+            raise ValueError(_outside_message(relevance.shape[1]))
     return order
 
 
@@ -244,8 +261,9 @@ def _label_windows(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sort order, window starts) of every row: everything of the loss that depends on the labels only.
 
-    CPU with the compiled kernels: one pass per row (radix sort, or the given order checked, then the two-pointer
-    starts), int32 starts. Elsewhere :func:`_sorted_relevance` + :func:`_window_start`."""
+    CPU with the compiled kernels: per block of rows, the packed keys sorted (or the given order checked: columns
+    in range, rows descending), then the two-pointer starts; int32 starts, rows split over :func:`_kernel_threads`.
+    Elsewhere :func:`_sorted_relevance` + :func:`_window_start`."""
     kernels = _cpu_kernels(relevance)
     if kernels is None or (sort_order is None and relevance.dtype != torch.float32):
         sorted_rel, order = _sorted_relevance(relevance, sort_order)
@@ -255,17 +273,20 @@ def _label_windows(
         order = torch.empty(values.shape, dtype=torch.long)
         bits = values.view(torch.int32).numpy()
     else:
-        order = _check_sort_order(sort_order, values).contiguous()
+        order = _check_sort_order(sort_order, values, check_range=False).contiguous()  # the kernel checks the range
         bits = torch.empty(0, 0, dtype=torch.int32).numpy()
     start = torch.empty(values.shape, dtype=torch.int32)
     status = torch.zeros(3, dtype=torch.long)
     gap = values.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
     kernels.label_windows(
         bits, values.numpy(), values.numpy().dtype.type(gap), sort_order is not None, order.numpy(), start.numpy(),
-        status.numpy(),
+        status.numpy(), _kernel_threads(start),
     )
     code, row, where = status.tolist()
+    if code == 3:
+        raise ValueError(f"{_outside_message(values.shape[1])}: {int(order[row, where])} at row {row}, position {where}")
     if code == 2:
+        _check_sort_order(order, values)  # an out-of-range column anywhere is reported first, as on the other paths
         raise ValueError(
             f"`sort_order` is not relevance_sort_order(relevance): row {row} is not sorted by relevance descending "
             f"at positions {where}, {where + 1}"
@@ -365,7 +386,7 @@ class _HardestPairLoss(torch.autograd.Function):
             slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
             kernels.hardest_pairs(
                 sim.detach().numpy(), order.contiguous().numpy(), start.contiguous().numpy(), int(width), hinge,
-                float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(),
+                float(temperature), need_grad, terms.numpy(), partner.numpy(), slope.numpy(), _kernel_threads(terms),
             )
             if need_grad:
                 ctx.save_for_backward(order, partner, slope)
@@ -387,7 +408,7 @@ class _HardestPairLoss(torch.autograd.Function):
             grad_sim = torch.zeros(partner.shape, dtype=grad_output.dtype)
             ctx.kernels.hardest_pairs_backward(  # grad_output is often an expanded scalar (stride 0): read as it is
                 grad_output.numpy(), order.contiguous().numpy(), partner.numpy(), ctx.hinge, slope.numpy(),
-                grad_sim.numpy(),
+                grad_sim.numpy(), _kernel_threads(grad_sim),
             )
             return grad_sim, None, None, None, None, None
         g = torch.where(slope, grad_output, 0) if slope.dtype == torch.bool else slope * grad_output
@@ -478,11 +499,12 @@ def _kendall_parts(
     width = num_candidates if window_size is None else min(int(window_size), num_candidates)
     if hard_mining:
         per_anchor = _HardestPairLoss.apply(sim, order, start, width, surrogate, temperature)
-        valid = start < num_candidates
         if want_terms:
-            terms = per_anchor[valid]
+            terms = per_anchor[start < num_candidates]
             return terms.sum(), torch.tensor(terms.numel(), device=sim.device), terms
-        return per_anchor.sum(), valid.sum(), None
+        # start is non-decreasing along each row: its anchors with a non-empty window are a prefix, found by bisection
+        ends = torch.full((num_queries, 1), num_candidates, dtype=start.dtype, device=start.device)
+        return per_anchor.sum(), torch.searchsorted(start, ends).sum(), None
     sorted_sim = sim.gather(1, order)
     start = start.long()
     count = (num_candidates - start).clamp(max=width).sum()
