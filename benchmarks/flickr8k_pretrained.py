@@ -122,7 +122,6 @@ def vision_tail(tower, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def text_features(model, processor, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    from trainer_bcls.evaluation import encode_texts  # noqa: F401 (same padding/order logic, but unprojected here)
     from tqdm.auto import tqdm
 
     model.text_model.eval()
@@ -131,7 +130,7 @@ def text_features(model, processor, captions: list[str], batch_size: int = 256) 
     for start in tqdm(range(0, len(captions), batch_size), desc="captions"):
         rows = order[start : start + batch_size]
         tokens = processor(text=[captions[i] for i in rows], padding=True, return_tensors="pt")
-        out[torch.as_tensor(rows)] = model._pool_text(tokens["input_ids"], tokens["attention_mask"]).float()
+        out[torch.as_tensor(rows)] = model._text_tower(tokens["input_ids"], tokens["attention_mask"])[1].float()
     return out
 
 

@@ -30,7 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
-from modeling_bcls.losses import OBJECTIVES  # noqa: E402
+from modeling_bcls.losses import resolve_objective  # noqa: E402
 from trainer_bcls import (  # noqa: E402
     BCLSDataCollator,
     BCLSTrainer,
@@ -66,6 +66,9 @@ class ModelArguments:
     text_model: str | None = field(default=None, metadata={"help": "Text tower: path or Hub id."})
     clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to convert (both towers)."})
     projection_dim: int = field(default=256, metadata={"help": "Joint embedding size (new projections only)."})
+    projection_hidden_dim: int | None = field(
+        default=None, metadata={"help": "New projections as MLPs with this hidden width (default: linear, as CLIP)."}
+    )
     text_pooling: str = field(default="auto", metadata={"help": "auto | pooler | mean | cls"})
     vision_pooling: str = field(default="auto", metadata={"help": "auto | pooler | mean | cls"})
     tiny_image_size: int = field(default=64, metadata={"help": "Image size of the tiny from-scratch towers."})
@@ -129,12 +132,10 @@ class LossArguments:
         values = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         objective = values.pop("objective", None)
         if objective is not None:
-            if objective not in OBJECTIVES:
-                raise ValueError(f"--objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
-            binary_loss, with_kendall = OBJECTIVES[objective]
+            binary_loss, kendall_weight = resolve_objective(objective, "triplet_sn", values.get("kendall_weight", 1.0))
             if values.setdefault("binary_loss", binary_loss) != binary_loss:
                 raise ValueError(f"--objective {objective} contradicts --binary_loss {values['binary_loss']}")
-            if not with_kendall:
+            if kendall_weight == 0:
                 values["kendall_weight"] = 0.0
         return values
 
@@ -156,6 +157,7 @@ def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, 
             model_args.vision_model,
             model_args.text_model,
             projection_dim=model_args.projection_dim,
+            projection_hidden_dim=model_args.projection_hidden_dim,
             text_pooling=model_args.text_pooling,
             vision_pooling=model_args.vision_pooling,
             **loss_overrides,
@@ -166,6 +168,7 @@ def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, 
             train_pairs["caption"],
             image_size=model_args.tiny_image_size,
             projection_dim=min(model_args.projection_dim, 128),
+            projection_hidden_dim=model_args.projection_hidden_dim,
             max_length=model_args.max_length,
             **loss_overrides,
         )
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.create_model_card(
-        eval_split=data_args.eval_split or None,
+        eval_split=data_args.eval_split if eval_pairs is not None else None,
         datasets=[data] if is_hub_repo_id(data) else None,  # a Hub dataset id (not a local path)
     )
     if training_args.push_to_hub:

@@ -2,7 +2,7 @@
 """BCLS model configuration.
 
 BCLS (Binary and Continuous Label Supervision) is an image-text retrieval dual encoder: any AutoModel vision tower and
-any encoder-only AutoModel text tower, each followed by a bias-free linear projection to `projection_dim`, scored by
+any encoder-only AutoModel text tower, each followed by a projection (bias-free linear, or an MLP) to `projection_dim`, scored by
 cosine similarity. The loss hyperparameters live in the config so that a saved model knows how it was trained.
 
 This file is copied next to saved checkpoints (remote code): it imports only transformers / huggingface_hub / stdlib.
@@ -20,6 +20,7 @@ PoolingMode = Literal["auto", "pooler", "mean", "cls"]
 # Keyword arguments of `losses.bcls_loss` that the config owns (the per-batch tensors are not config).
 LOSS_KWARG_NAMES = (
     "binary_loss",
+    "objective",  # None after construction; a legacy name set later is still resolved by `bcls_loss`
     "margin",
     "soft_negative_temperature",
     "kendall_weight",
@@ -43,11 +44,12 @@ class BCLSConfig(PreTrainedConfig):
         text_config (`PreTrainedConfig` or `dict`, *optional*):
             Config of the text tower; any encoder-only `AutoConfig` model type (default: a BERT config).
         projection_dim (`int`, *optional*, defaults to 256):
-            Width D of the shared embedding space; both projections are `nn.Linear(hidden, D, bias=False)`.
+            Width D of the shared embedding space (the output width of both projections).
         projection_hidden_dim (`int`, *optional*):
             `None` (default): the projections are bias-free linear maps, as in CLIP. An integer H: each projection is
-            an MLP `Linear(hidden, H) -> GELU -> Linear(H, D)` (open_clip's `proj_type="mlp"`), which is what a
-            locked (frozen) tower needs to adapt its features (see `benchmarks/RESULTS.md`).
+            an MLP `Linear(hidden, H) -> GELU -> Linear(H, D)` (open_clip's `proj_type="mlp"`), an
+            option for locked (frozen) towers; on Flickr8k with both towers locked the linear head was better (VSE++
+            val rsum 180.5 vs 168.2 with H = 1024, `benchmarks/RESULTS.md`), so linear stays the default.
         text_pooling (`str`, *optional*, defaults to `"auto"`):
             How a caption becomes one vector before projection. `"pooler"`: the tower's `pooler_output` (CLIP text:
             the EOS token; BERT: tanh(W h_[CLS])). `"mean"`: mean of `last_hidden_state` over the attention mask,
@@ -64,7 +66,7 @@ class BCLSConfig(PreTrainedConfig):
             `exp(logit_scale_init_value)`; `from_clip_pretrained` copies CLIP's learned value). It is not a learned
             parameter: the BCLS losses read the unscaled cosines (their own temperatures and margins set the
             scale), so no loss would train it. It changes no ranking; set it to make probabilities sharper or
-            flatter (e.g. fitted on held-out pairs with `trainer_bcls.fit_logit_scale`).
+            flatter.
         binary_loss (`str`, *optional*, defaults to `"triplet_sn"`):
             The binary-label term: `"triplet_sn"` (Triplet-SN), `"vse"` (VSE++ exact hardest-negative triplet) or
             `"infonce"` (CLIP's InfoNCE). The Kendall term (`kendall_weight`) is added to whichever is chosen.

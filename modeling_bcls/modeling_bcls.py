@@ -451,18 +451,20 @@ class BCLSModel(BCLSPreTrainedModel):
             attentions=getattr(outputs, "attentions", None),
         )
 
-    def _pool_image(self, pixel_values: torch.Tensor, **tower_kwargs) -> torch.Tensor:
-        """Pooled vision-tower output before the projection, [N, vision_embed_dim] (what a locked tower caches)."""
+    def _vision_tower(self, pixel_values: torch.Tensor, **tower_kwargs):
+        """(the vision tower's outputs, its pooled output [N, vision_embed_dim] before the projection)."""
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
-        return self._pool(outputs, self.config.vision_pooling, None, "vision")
+        return outputs, self._pool(outputs, self.config.vision_pooling, None, "vision")
 
-    def _pool_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **tower_kwargs
-    ) -> torch.Tensor:
-        """Pooled text-tower output before the projection, [N, text_embed_dim]."""
+    def _text_tower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **tower_kwargs):
+        """(the text tower's outputs, its pooled output [N, text_embed_dim] before the projection)."""
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
-        return self._pool(outputs, self.config.text_pooling, attention_mask, "text")
+        return outputs, self._pool(outputs, self.config.text_pooling, attention_mask, "text")
+
+    def _pool_image(self, pixel_values: torch.Tensor, **tower_kwargs) -> torch.Tensor:
+        """Pooled vision-tower output before the projection (what a locked tower's cache holds)."""
+        return self._vision_tower(pixel_values, **tower_kwargs)[1]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Features
@@ -475,8 +477,7 @@ class BCLSModel(BCLSPreTrainedModel):
         `CLIPModel.get_image_features`). `last_hidden_state` / `hidden_states` / `attentions` are the tower's.
         For search use [`encode_image`] (L2-normalised, float32).
         """
-        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
-        pooled = self._pool(outputs, self.config.vision_pooling, None, "vision")
+        outputs, pooled = self._vision_tower(pixel_values, **tower_kwargs)
         return self._with_projection(outputs, self.visual_projection(pooled))
 
     @can_return_tuple
@@ -493,10 +494,9 @@ class BCLSModel(BCLSPreTrainedModel):
         projected text features, shape [N, projection_dim], model dtype, NOT normalised (as
         `CLIPModel.get_text_features`). For search use [`encode_text`] (L2-normalised, float32).
         """
-        optional = {"token_type_ids": token_type_ids, "position_ids": position_ids, **tower_kwargs}
-        tower_kwargs = {k: v for k, v in optional.items() if v is not None}
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
-        pooled = self._pool(outputs, self.config.text_pooling, attention_mask, "text")
+        outputs, pooled = self._text_tower(
+            input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, **tower_kwargs
+        )
         return self._with_projection(outputs, self.text_projection(pooled))
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True, **tower_kwargs) -> torch.Tensor:
@@ -571,7 +571,10 @@ class BCLSModel(BCLSPreTrainedModel):
             raise ValueError("BCLSModel.forward() needs pixel_values, input_ids or both.")
 
         if vision_pooled_output is not None:
-            image_embeds = _l2_normalize_fp32(self.visual_projection(vision_pooled_output))
+            if pixel_values is not None:
+                raise ValueError("Pass pixel_values or vision_pooled_output (a locked tower's cached output), not both.")
+            projection_dtype = next(self.visual_projection.parameters()).dtype
+            image_embeds = _l2_normalize_fp32(self.visual_projection(vision_pooled_output.to(projection_dtype)))
         else:
             image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
         text_embeds = (
@@ -749,7 +752,7 @@ class BCLSModel(BCLSPreTrainedModel):
         model.visual_projection.to(vision_model.dtype)
         model.text_projection.to(text_model.dtype)
         logger.warning(
-            "The projections `visual_projection.weight` and `text_projection.weight` are newly initialized: train the "
+            "The projections `visual_projection` and `text_projection` are newly initialized: train the "
             "model before using it for retrieval."
         )
         return model

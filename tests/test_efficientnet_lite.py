@@ -279,7 +279,7 @@ def test_cnn_tower_width_and_auto_pooling(model_type, tiny_bert_config):
     with torch.no_grad():
         pooled = model._pool_image(pixels)
         tower_out = model.vision_model(pixel_values=pixels)
-        features = model.get_image_features(pixels)
+        features = model.get_image_features(pixels).pooler_output
     assert pooled.shape == (2, model.vision_embed_dim)
     pooler = getattr(tower_out, "pooler_output", None)
     expected = pooler.flatten(1) if pooler is not None else tower_out.last_hidden_state.mean(dim=(2, 3))
@@ -302,11 +302,11 @@ def test_from_vision_text_pretrained_with_converted_lite0(lite0_folder, tmp_path
     tower = AutoModel.from_pretrained(lite0_folder).eval()
     with torch.no_grad():
         assert torch.equal(model._pool_image(pixels), tower(pixel_values=pixels).pooler_output)
-        features = model.get_image_features(pixels)
+        features = model.get_image_features(pixels).pooler_output
     assert features.shape == (2, 32)
     model.save_pretrained(tmp_path)
     again = BCLSModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert torch.equal(again.get_image_features(pixels), features)
+        assert torch.equal(again.get_image_features(pixels).pooler_output, features)
     processor = BCLSProcessor.from_vision_text_pretrained(str(lite0_folder), minilm_path())
     assert (processor.image_processor.size.height, processor.image_processor.size.width) == (128, 128)

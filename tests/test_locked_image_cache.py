@@ -36,10 +36,10 @@ def relevance(train_pairs):
     return RelevanceLabels.build(train_pairs, TfidfRelevance())
 
 
-def locked_model(train_pairs, vision="resnet"):
+def locked_model(train_pairs, vision="resnet", **config_kwargs):
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor(
-        train_pairs["caption"], image_size=32, projection_dim=32, vision=vision
+        train_pairs["caption"], image_size=32, projection_dim=32, vision=vision, **config_kwargs
     )
     freeze_towers(model, freeze_vision_model=True)
     return model, processor
@@ -120,9 +120,11 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("chunk_size", [None, 5])
-def test_cached_step_has_the_loss_and_gradients_of_the_uncached_step(train_pairs, relevance, tmp_path, chunk_size):
-    model, processor = locked_model(train_pairs)
+@pytest.mark.parametrize("chunk_size, projection_hidden_dim", [(None, None), (5, None), (None, 16)])
+def test_cached_step_has_the_loss_and_gradients_of_the_uncached_step(
+    train_pairs, relevance, tmp_path, chunk_size, projection_hidden_dim
+):
+    model, processor = locked_model(train_pairs, projection_hidden_dim=projection_hidden_dim)
     trainer = make_trainer(model, processor, train_pairs, relevance, tmp_path, embedding_chunk_size=chunk_size)
     rows = [train_pairs[i] for i in range(0, 64, 4)]
     batch = trainer.data_collator(rows)
@@ -140,7 +142,8 @@ def test_cached_step_has_the_loss_and_gradients_of_the_uncached_step(train_pairs
     assert loss.item() > 0
     torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
     assert cached_grads.keys() == grads.keys() and not any(n.startswith("vision_model.") for n in grads)
-    assert "visual_projection.weight" in grads and "text_model.embeddings.word_embeddings.weight" in grads
+    head = "visual_projection.weight" if projection_hidden_dim is None else "visual_projection.0.weight"
+    assert head in grads and "text_model.embeddings.word_embeddings.weight" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(cached_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 

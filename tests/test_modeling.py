@@ -124,8 +124,15 @@ def test_config_loss_kwargs_match_bcls_loss_signature():
         for name, p in inspect.signature(bcls_loss).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS - {"objective"}  # legacy name, translated
+    assert set(config.loss_kwargs()) == keyword_only - LOSS_DATA_KWARGS
     assert config.loss_kwargs()["kendall_window_size"] == 32 and config.loss_kwargs()["binary_loss"] == "triplet_sn"
+    assert config.loss_kwargs()["objective"] is None  # translated at construction
+    config.objective = "vse"  # a legacy name set afterwards still reaches the loss, which resolves it
+    g = torch.Generator().manual_seed(0)
+    sim, relevance, mask = torch.rand(6, 6, generator=g), torch.rand(6, 6, generator=g), torch.eye(6, dtype=torch.bool)
+    legacy = bcls_loss(sim, mask, relevance.masked_fill(mask, 1.0), **config.loss_kwargs())
+    vse = bcls_loss(sim, mask, relevance.masked_fill(mask, 1.0), binary_loss="vse", kendall_weight=0.0)
+    assert legacy["kendall"].item() == 0.0 and torch.equal(legacy["loss"], vse["loss"])
 
 
 def test_config_round_trip_and_validation(tmp_path, tiny_clip_config, tiny_bert_config):

@@ -173,7 +173,7 @@ class LockedImageFeatureCache:
         self._rows.update(zip(missing, new_features))
         if is_distributed():
             self._share(list(missing), new_features, device)
-        return torch.stack([self._rows[digest] for digest in digests]).to(model.visual_projection.weight.dtype)
+        return torch.stack([self._rows[digest] for digest in digests])  # float32; the model casts to its projection
 
     def _share(self, digests: list[bytes], features: torch.Tensor, device: torch.device) -> None:
         """All-gather every process's new entries (float32 [n, width]) into this process's cache."""

@@ -147,6 +147,24 @@ def _training_log(log_history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BINARY_LOSS_NAMES = {
+    "triplet_sn": "a Triplet-SN ranking loss (triplet loss with soft negative mining)",
+    "vse": "VSE++'s hardest-negative triplet loss",
+    "infonce": "CLIP's InfoNCE loss",
+}
+
+
+def objective_description(config) -> str:
+    """One sentence on what the model was trained with, from `binary_loss` and `kendall_weight`."""
+    binary = f"{BINARY_LOSS_NAMES[config.binary_loss]} on the binary labels (does caption *j* describe image *i*)"
+    if not config.kendall_weight:
+        return binary + "."
+    return (
+        f"{binary} plus {config.kendall_weight:g} × a Kendall ranking loss with sliding-window sampling and hard-sample "
+        "mining (SW-HS) on continuous relevance labels (text similarity between captions)."
+    )
+
+
 def build_model_card(
     model,
     log_history: list[dict] | None = None,
@@ -178,6 +196,7 @@ def build_model_card(
         model_name=model_name,  # ModelCardData keeps it in the model-index only
         repo_id=repo_id or model_name,
         training_data=dataset or "not specified",
+        objective=objective_description(config),
         eval_split=eval_split or "unspecified",
         vision_model_type=config.vision_config.model_type,
         text_model_type=config.text_config.model_type,
