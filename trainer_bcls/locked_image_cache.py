@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .distributed import gather_no_grad, is_distributed, process_sizes
+from .fingerprint import weights_fingerprint
 from .tower_freezing import is_tower_locked
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ def image_digests(pixel_values: torch.Tensor) -> list[bytes]:
         digest.update(memoryview(row).cast("B"))  # no copy of the row
         digests.append(digest.digest()[:DIGEST_BYTES])
     return digests
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-        value = tensor.detach().cpu().contiguous()
-        if value.dtype == torch.bfloat16:
-            value = value.view(torch.int16)
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(memoryview(value.numpy()).cast("B"))
-    return digest.hexdigest()
 
 
 def _state_versions(module: nn.Module) -> tuple:
@@ -185,4 +174,4 @@ class LockedImageFeatureCache:
         self._rows.update(zip(_tensor_to_digests(keys), values))
 
 
-__all__ = ["LockedImageFeatureCache", "image_digests", "weights_fingerprint"]
+__all__ = ["LockedImageFeatureCache", "image_digests"]

@@ -17,7 +17,6 @@ incremental build equals a one-shot build.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data_errors import InvalidDataError, SkipReport
+from .fingerprint import weights_fingerprint
 from .evaluation import encode_images, encode_texts
 from .image_loading import ImageLoadError, load_image
 from .image_sources import IMAGE_SUFFIXES, ImageSource
@@ -53,15 +53,7 @@ def faiss_available() -> bool:
     return True
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """`sha256:<hex>` of every state-dict tensor (name, dtype, shape, bytes) in name order. Compute it on the
-    weights as loaded, before any bf16 cast."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"
+model_fingerprint = weights_fingerprint  # the index records the weights it was built with
 
 
 @dataclass
