@@ -13,6 +13,7 @@ They compute exactly what the torch path of :mod:`.loss_kendall` computes, in on
 * :func:`hardest_pairs` / :func:`hardest_pairs_backward` — per sorted anchor the hardest pair of its window
   ``[start_a, min(start_a + w, Nc))`` by a van Herk / Gil-Werman sliding maximum of the similarities in sorted
   order, the term ``phi(max_b S_b - S_a)`` and its gradient routed to the anchor and partner columns.
+  For float32 (:func:`hardest_pairs_f32`) the maxima run on packed ``value << 32 | ~position`` keys, branch-free.
 
 Time O(Nq * Nc log Nc) for the sort (a few ns per label), O(Nq * Nc) for the rest whatever ``w``; memory
 O(Nq * Nc). Ties of the maximum pick the first (lowest sorted position) partner, a valid subgradient.
@@ -224,6 +225,72 @@ if numba is not None:
                         slope[q, a] = 1 / (1 + np.exp(-d / temperature))
 
     @_jit
+    def hardest_pairs_f32(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
+        """:func:`hardest_pairs` for float32 similarities, bit for bit, with branch-free maxima: each similarity in
+        sorted order becomes the unique uint64 key ``monotone(S) << 32 | ~position`` (-0.0 and +0.0 alike), whose maximum
+        is the largest similarity at its lowest position, so the block prefix and suffix maxima are plain ``max`` chains
+        and the window maximum ``max(suffix[s], prefix[s + w - 1])`` (the pads past ``Nc`` have key 0). ``sim`` may be a
+        strided view (the t2i direction reads ``sim.T`` in place)."""
+        num_queries, num_candidates = sim.shape
+        bounded = width < num_candidates
+        length = num_candidates + width - 1 if bounded else num_candidates
+        values = np.empty(num_candidates, np.float32)
+        plus_zero = np.empty(num_candidates, np.float32)
+        bits = plus_zero.view(np.int32)
+        keys = np.zeros(length, np.uint64)  # the pads past Nc keep key 0, below every real key
+        suffix = np.empty(num_candidates, np.uint64)
+        prefix = np.empty(length, np.uint64)
+        low_mask = np.uint64(0xFFFFFFFF)
+        block = width if bounded else num_candidates
+        for q in range(num_queries):
+            for b in range(num_candidates):
+                v = sim[q, order[q, b]]
+                values[b] = v
+                plus_zero[b] = v + np.float32(0.0)  # -0.0 -> +0.0
+            for b in range(num_candidates):
+                pattern = bits[b]
+                pattern = pattern ^ ((pattern >> 31) & 0x7FFFFFFF)  # int32 order == float order
+                mono = np.uint64(np.uint32(pattern) ^ np.uint32(0x80000000))
+                keys[b] = (mono << np.uint64(32)) | (np.uint64(~b) & low_mask)
+            for first in range(0, num_candidates, block):
+                last = min(first + block, num_candidates) - 1
+                best = keys[last]
+                suffix[last] = best
+                for j in range(last - 1, first - 1, -1):
+                    best = max(best, keys[j])
+                    suffix[j] = best
+            if bounded:
+                for first in range(0, length, width):
+                    best = keys[first]
+                    prefix[first] = best
+                    for j in range(first + 1, min(first + width, length)):
+                        best = max(best, keys[j])
+                        prefix[j] = best
+            for a in range(num_candidates):
+                s = start[q, a]
+                if s >= num_candidates:
+                    terms[q, a] = 0
+                    if need_grad:
+                        partner[q, a] = -1
+                    continue
+                key = suffix[s]
+                if bounded:
+                    key = max(key, prefix[s + width - 1])
+                at = np.int64(~key & low_mask)
+                d = values[at] - values[a]
+                if hinge:
+                    terms[q, a] = max(d, 0)
+                else:
+                    x = d / temperature
+                    terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
+                if need_grad:
+                    if hinge:
+                        partner[q, a] = order[q, at] if d > 0 else -1
+                    else:
+                        partner[q, a] = order[q, at]
+                        slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+
+    @_jit
     def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
         """grad_sim[q, partner] += phi' * g and grad_sim[q, anchor] -= phi' * g for every anchor with a partner
         (``partner >= 0``; ``phi' = 1`` for the hinge, ``slope`` otherwise); grad_sim comes zeroed."""
@@ -328,8 +395,10 @@ def _label_windows(bits, values, gap, given_order, order, start, status, threads
 
 
 def _hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope, threads: int = 1):
+    kernel = hardest_pairs_f32 if sim.dtype == np.float32 else hardest_pairs
+
     def chunk(i, j):
-        hardest_pairs(
+        kernel(
             sim[i:j], order[i:j], start[i:j], width, hinge, temperature, need_grad, terms[i:j],
             partner[i:j] if need_grad else partner, slope[i:j] if slope.shape[0] else slope,
         )

@@ -164,3 +164,33 @@ def test_forked_child_gets_its_own_pool():
         child.kill()
         pytest.fail("the forked child hung on the parent's thread pool")
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+@pytest.mark.parametrize("hinge", [True, False])
+@pytest.mark.parametrize("shape", [(5, 1), (9, 13), (37, 53)])
+def test_float32_key_kernel_matches_generic_kernel(hinge, shape):
+    """The float32 kernel (packed value/position keys, branch-free maxima) returns exactly what the generic
+    (value, position) kernel returns: terms, partners (ties of the maximum, -0.0 vs +0.0: the lowest position) and
+    slopes, for every window width, bounded or not."""
+    num_queries, num_candidates = shape
+    rng = np.random.default_rng(num_candidates)
+    sim = (rng.integers(-2, 3, shape) / 3).astype(np.float32)
+    sim[sim == 0] = -0.0
+    sim[::2, ::3] = 0.0
+    sim[1::4] = rng.standard_normal((len(sim[1::4]), num_candidates)).astype(np.float32)
+    order = np.argsort(rng.random(shape), axis=1)
+    start = np.maximum(np.sort(rng.integers(1, num_candidates + 3, shape), axis=1), np.arange(1, num_candidates + 1))
+    start = start.clip(max=num_candidates).astype(np.int32)
+    for width in sorted({1, 2, 3, 7, num_candidates}):
+        outs = []
+        for kernel in (kendall_kernels.hardest_pairs, kendall_kernels.hardest_pairs_f32):
+            terms = np.empty(shape, np.float32)
+            partner = np.empty(shape, np.int32)
+            slope = np.zeros((0, 0) if hinge else shape, np.float32)
+            kernel(sim, order, start, width, hinge, 0.1, True, terms, partner, slope)
+            outs.append((terms, partner, slope))
+        (terms, partner, slope), (terms_f32, partner_f32, slope_f32) = outs
+        assert terms.tobytes() == terms_f32.tobytes()
+        assert np.array_equal(partner, partner_f32)
+        assert slope.tobytes() == slope_f32.tobytes()
+        assert (partner < 0).any() and ((partner >= 0).any() or num_candidates == 1)
