@@ -166,9 +166,9 @@ def test_sixteen_bit_png_in_training_evaluation_and_retrieval(tmp_path, tiny_pro
     assert (np.asarray(load_image(str(path)))[..., 0] == expected).all()  # training (collator) path
     decoded = Image().decode_example({"path": str(path), "bytes": None})  # datasets' decoding, evaluation path
     assert (np.asarray(_to_rgb(decoded))[..., 0] == expected).all()
-    retrieve = load_example("retrieve")
-    _, images = retrieve.load_images(tmp_path)
-    assert (np.asarray(images[0])[..., 0] == expected).all()
+    from trainer_bcls.image_sources import FolderSource  # retrieve.py's gallery loader
+
+    assert (np.asarray(FolderSource(tmp_path).load(0))[..., 0] == expected).all()
     batch = BCLSDataCollator(tiny_processor)([{"image": str(path), "caption": "a ramp", "image_id": 0, "caption_id": 0}])
     assert batch["pixel_values"].std() > 0.1  # not a flat white image
 
