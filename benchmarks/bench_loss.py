@@ -6,7 +6,7 @@ For each batch size B it times, in this one process, one training step of the lo
 
 * VSE++ triplet          ``bcls_loss(objective="vse")``
 * Triplet-SN             ``bcls_loss(objective="triplet_sn")``
-* Kendall SW-HS          BCLSConfig's defaults (window 32, gap 0.05, hinge, hard mining), both directions,
+* Kendall SW-HS          BCLSConfig's defaults (window, label gap, hinge, hard mining), both directions,
                          *including* the label-side sorts
 * BCLS total             ``relevance_sort_order`` of both directions (label side) + ``bcls_loss`` with defaults
 * All-pairs Kendall      ``window_size=None, hard_mining=False`` (O(B^3); only B <= 512)

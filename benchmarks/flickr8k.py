@@ -101,7 +101,7 @@ TABLE_METRICS = [
     ("ndcg@10", "nDCG@10"),
 ]
 # The config's loss hyperparameters that take a value flag (objective is --methods; hard mining is a run knob).
-LOSS_KNOBS = tuple(name for name in LOSS_KWARG_NAMES if name not in ("binary_loss", "kendall_hard_mining"))
+LOSS_KNOBS = tuple(name for name in LOSS_KWARG_NAMES if name not in ("binary_loss", "objective", "kendall_hard_mining"))
 # Keys accepted in a --sweep setting: the loss knobs plus these run flags.
 SWEEP_RUN_KNOBS = ("learning_rate", "text_learning_rate", "relevance", "kendall_hard_mining")
 

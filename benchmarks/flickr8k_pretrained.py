@@ -25,7 +25,9 @@ all-MiniLM-L6-v2 relevance of the val split for every run (max cosine to the ima
 evaluation labels never change with `--relevance`).
 
 Output: one JSON record per run in `--output_dir` (default outputs/flickr8k_pretrained/runs); `collect` prints the
-table (mean ± half-range over seeds) and writes benchmarks/flickr8k_frontier.png.
+table (mean ± half-range over seeds) and, with `--plot`, the rsum-vs-τ-b figure. The study's records are committed as
+benchmarks/flickr8k_pretrained_runs.jsonl (`collect --records` reads them). Plans of runs: benchmarks/plans/*.txt,
+run by benchmarks/run_plan.sh.
 """
 
 from __future__ import annotations
@@ -363,7 +365,10 @@ def summarise(records: list[dict]) -> dict[str, dict]:
 
 
 def cmd_collect(args) -> None:
-    records = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "runs").glob("*.json"))]
+    if args.records:  # e.g. benchmarks/flickr8k_pretrained_runs.jsonl, the committed records of the study
+        records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    else:
+        records = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "runs").glob("*.json"))]
     summary = summarise(records)
     digits = {"kendall_tau_b": 4, "ndcg@10": 4}
     header = ["setting", "seeds", "steps", "train s"] + [name for _, name in TABLE]
@@ -382,21 +387,59 @@ def cmd_collect(args) -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
+    """rsum against τ-b, one point per setting (error bars: half-range over seeds). Left: every setting; the plain
+    `<binary>,kw<λ>` settings of each binary loss are joined in λ order (its frontier), the others are grey. Right: the
+    Triplet-SN region, with the sweep settings run over several seeds labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for setting, s in summary.items():
-        (r, rh), (t, th) = s["stats"]["rsum"], s["stats"]["kendall_tau_b"]
-        ax.errorbar(t, r, xerr=th, yerr=rh, fmt="o", capsize=3, label=setting)
-    ax.set_xlabel("Kendall τ-b vs MiniLM relevance (val)")
-    ax.set_ylabel("rsum (val)")
-    ax.set_title("Flickr8k val: recall vs coherence (mean ± half-range over seeds)")
-    ax.legend(fontsize=6, loc="best")
+    colours = {"triplet_sn": "tab:blue", "vse": "tab:red", "infonce": "tab:green"}
+
+    def lambda_series(binary: str) -> list[tuple[float, dict]]:
+        return sorted(
+            (float(name.split(",kw")[1]), s) for name, s in summary.items()
+            if name.startswith(binary + ",kw") and "," not in name.split(",kw")[1]
+        )
+
+    plain = {f"{b},kw{w:g}" for b in colours for w, _ in lambda_series(b)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for panel, ax in enumerate(axes):
+        for binary, colour in colours.items():
+            series = lambda_series(binary)
+            if not series or (panel == 1 and binary != "triplet_sn"):
+                continue
+            ax.plot([s["stats"]["kendall_tau_b"][0] for _, s in series], [s["stats"]["rsum"][0] for _, s in series],
+                    "-", color=colour, alpha=0.4)
+            for weight, s in series:
+                (r, rh), (t, th) = s["stats"]["rsum"], s["stats"]["kendall_tau_b"]
+                ax.errorbar(t, r, xerr=th, yerr=rh, fmt="o", color=colour, capsize=3,
+                            label=binary if weight == series[0][0] else None)
+                ax.annotate(f"λ={weight:g}", (t, r), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colour)
+        for name, s in summary.items():
+            if name in plain or (panel == 1 and not name.startswith("triplet_sn")):
+                continue
+            (r, rh), (t, th) = s["stats"]["rsum"], s["stats"]["kendall_tau_b"]
+            several = len(s["seeds"]) > 1
+            ax.errorbar(t, r, xerr=th, yerr=rh, fmt="s" if several else "x", color="dimgrey" if several else "silver",
+                        ms=5 if several else 4, capsize=2)
+            if panel == 1 and several:
+                label = name.replace("triplet_sn,", "").replace("kendall_", "").replace("_mining", "")
+                ax.annotate(label, (t, r), textcoords="offset points", xytext=(4, -9), fontsize=6.5, color="dimgrey")
+        ax.set_xlabel("Kendall τ-b of the similarities vs MiniLM relevance (val)")
+        ax.set_ylabel("rsum (val, of 600)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("All settings (grey: knob sweep; ×: one seed)", fontsize=10)
+    axes[0].legend(title="binary loss (+ λ·Kendall)", fontsize=8)
+    axes[1].set_xlim(0.275, 0.325)
+    axes[1].set_ylim(184, 194)
+    axes[1].axhline(0.98 * summary["triplet_sn,kw0"]["stats"]["rsum"][0], color="tab:blue", ls=":", lw=1)
+    axes[1].set_title("Triplet-SN region (dotted: 98 % of Triplet-SN's rsum)", fontsize=10)
+    fig.suptitle("Flickr8k val, locked EfficientNet-Lite0 + MiniLM: recall vs coherence (mean ± half-range, 3 seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     print(f"wrote {path}")
 
 
@@ -433,6 +476,7 @@ def parse_args(argv=None):
     collect = sub.add_parser("collect")
     collect.set_defaults(func=cmd_collect)
     collect.add_argument("--plot", default=None)
+    collect.add_argument("--records", default=None, help="a JSONL file of run records instead of --output_dir/runs")
     return parser.parse_args(argv)
 
 

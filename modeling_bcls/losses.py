@@ -86,7 +86,7 @@ def bcls_loss(
     soft_negative_temperature: float = 0.1,
     kendall_weight: float = 0.2,
     kendall_window_size: Optional[int] = 32,
-    kendall_label_gap: float = 0.05,
+    kendall_label_gap: float = 0.15,
     kendall_surrogate: str = "hinge",
     kendall_temperature: float = 0.1,
     kendall_hard_mining: bool = True,

@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -125,3 +129,13 @@ def synthetic_dir(tmp_path_factory):
         tmp_path_factory.mktemp("synthetic"), num_train_images=64, num_val_images=24, num_test_images=24,
         image_size=32,
     )
+
+
+def load_example(name: str):
+    """Import `examples/<name>.py` as a module (registered in `sys.modules`: its dataclasses look their module up)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bcls_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

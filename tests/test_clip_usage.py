@@ -4,7 +4,6 @@ export and the huggingface_hub model card."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
@@ -19,18 +18,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from blocked_import import run_without_package
 from modeling_bcls import BCLSConfig, BCLSModel
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_IMAGE_SIZE = 32  # conftest's tiny towers and tiny_processor
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"bcls_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _colour_images() -> tuple[list, list[str]]:

@@ -3,7 +3,6 @@ human judgments), retrieve.py, and the trained folder loading with remote code o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,16 +14,9 @@ from safetensors.torch import save_file
 
 from blocked_import import run_without_package
 from modeling_bcls import BCLSModel
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"bcls_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

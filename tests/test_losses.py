@@ -565,7 +565,7 @@ def test_bcls_loss_keyword_names_match_the_config_contract():
     params = inspect.signature(bcls_loss).parameters
     expected = {
         "binary_loss": "triplet_sn", "objective": None, "margin": 0.2, "soft_negative_temperature": 0.1, "kendall_weight": 0.2,
-        "kendall_window_size": 32, "kendall_label_gap": 0.05, "kendall_surrogate": "hinge", "kendall_temperature": 0.1,
+        "kendall_window_size": 32, "kendall_label_gap": 0.15, "kendall_surrogate": "hinge", "kendall_temperature": 0.1,
         "kendall_hard_mining": True, "infonce_temperature": 0.05, "sort_order_i2t": None, "sort_order_t2i": None,
         "sim_t2i": None, "positive_mask_t2i": None, "relevance_t2i": None, "count_reducer": None,
     }

@@ -7,7 +7,6 @@ demo tokenizer and unicode, and ``--resume_from_checkpoint`` with half-written c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -19,16 +18,9 @@ import pytest
 from datasets import Dataset, Features, Image, Value
 
 from trainer_bcls.data import InvalidDataError, load_hf_dataset, load_imagefolder, load_pairs
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"bcls_reliab_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_image(path: Path, colour=(200, 30, 30)) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_example
 from trainer_bcls.image_loading import load_image
 from trainer_bcls.image_sources import FolderSource, open_image_source
 from trainer_bcls.inference_device import prepare_for_inference, resolve_device
@@ -29,14 +30,6 @@ from trainer_bcls.retrieval_index import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"bcls_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 QUERIES = ["a red circle", "a small blue square on the left", "green"]
