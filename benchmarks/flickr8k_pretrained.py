@@ -164,7 +164,7 @@ class RelevanceVariant:
     """Train-split relevance labels of a batch: MiniLM / TF-IDF / both (mean), max or mean over the references,
     optionally rescaled per row to [0, 1] over the negatives (positives stay 1)."""
 
-    def __init__(self, kind: str, reduce: str, rescale: bool, pairs, data_dir: Path):
+    def __init__(self, kind: str, reduce: str, rescale: bool, pairs):
         from trainer_bcls import build_relevance_labels
 
         kinds = {"minilm": ["sentence"], "tfidf": ["tfidf"], "both": ["sentence", "tfidf"]}[kind]
@@ -257,7 +257,7 @@ def cmd_run(args) -> dict:
 
     relevance = None
     if args.kendall_weight > 0:
-        relevance = RelevanceVariant(args.relevance, args.relevance_reduce, args.relevance_rescale, train_pairs, Path(args.data))
+        relevance = RelevanceVariant(args.relevance, args.relevance_reduce, args.relevance_rescale, train_pairs)
     loss_kwargs = dict(
         binary_loss=args.binary_loss,
         margin=args.margin,

@@ -481,6 +481,20 @@ def _split_of_dataset(dataset: Dataset, split: str | Sequence[str], where: str) 
     return dataset
 
 
+def resolve_image_column(dataset: Dataset, image_column: str | None, where: str, flag: str) -> str:
+    """`image_column` checked against `dataset`'s columns, or, when None, the column named "image", else the first
+    `datasets.Image` column; a clear error naming `where`, the columns and the `flag` to pass otherwise."""
+    available = dataset.column_names
+    if image_column is None:
+        image_columns = [c for c, f in dataset.features.items() if isinstance(f, Image)]
+        image_column = "image" if "image" in available else (image_columns[0] if image_columns else None)
+        if image_column is None:
+            raise ValueError(f"no image column in {where}; available columns: {available} (pass {flag})")
+    elif image_column not in available:
+        raise ValueError(f"image column {image_column!r} not found in {where}; available columns: {available}")
+    return image_column
+
+
 def load_hf_dataset(
     dataset: str | os.PathLike | Dataset | DatasetDict,
     split: str = "train",
@@ -531,13 +545,7 @@ def load_hf_dataset(
         ImageCaptionIndex.from_pairs(dataset)  # raises on duplicate / non-dense ids
         return dataset
 
-    if image_column is None:
-        image_columns = [c for c, f in dataset.features.items() if isinstance(f, Image)]
-        image_column = "image" if "image" in available else (image_columns[0] if image_columns else None)
-        if image_column is None:
-            raise ValueError(f"no image column in {where}; available columns: {available} (pass image_column=...)")
-    elif image_column not in available:
-        raise ValueError(f"image column {image_column!r} not found in {where}; available columns: {available}")
+    image_column = resolve_image_column(dataset, image_column, where, "image_column=...")
     columns = _caption_columns(caption_column, available, where)
     if image_id_column is not None and image_id_column not in available:
         raise ValueError(f"image_id column {image_id_column!r} not found in {where}; available columns: {available}")

@@ -92,14 +92,9 @@ class DatasetSource(ImageSource):
     def __init__(self, dataset: Any, name: str, split: str | None, image_column: str | None = None) -> None:
         from datasets import Image
 
-        columns = dataset.column_names
-        if image_column is None:
-            image_columns = [c for c, f in dataset.features.items() if isinstance(f, Image)]
-            image_column = "image" if "image" in columns else (image_columns[0] if image_columns else None)
-            if image_column is None:
-                raise ValueError(f"no image column in {name}; available columns: {columns} (pass --image_column)")
-        elif image_column not in columns:
-            raise ValueError(f"image column {image_column!r} not found in {name}; available columns: {columns}")
+        from .data import resolve_image_column
+
+        image_column = resolve_image_column(dataset, image_column, name, "--image_column")
         if isinstance(dataset.features[image_column], Image):
             dataset = dataset.cast_column(image_column, Image(decode=False))
         self.dataset = dataset.select_columns([image_column])
