@@ -291,6 +291,161 @@ if numba is not None:
                         slope[q, a] = 1 / (1 + np.exp(-d / temperature))
 
     @_jit
+    def lean_start_step(row, out, a, p, num_candidates, gap):
+        """One step of the two-pointer merge of a descending row padded with ``row[Nc] = -inf``: the partner pointer
+        ``p`` passes a position within the gap of anchor ``a`` (``R_a - R_p <= g``, always true for ``p <= a``), or
+        ``a`` is done (``out[a] = p``: the first position past the gap, where the ``-inf`` pad stops ``p``). A finished
+        row (``a = Nc``) stays put, so rows of different lengths of work run in lockstep; ``out`` has ``Nc + 1``
+        entries."""
+        live = np.uint64(a < num_candidates)
+        within = np.uint64(row[a] - row[p] <= gap) & live
+        out[a] = p
+        return a + live - within, p + within
+
+    @_jit
+    def lockstep_window_starts(sorted_rel, num_candidates, gap, start, rows):
+        """start[r, a] for the first ``rows`` of 8 padded descending rows ``sorted_rel`` [8, Nc + 1] (``-inf`` at
+        ``Nc``), merged in lockstep (eight independent dependency chains); ``start`` is int [8, Nc + 1]."""
+        n = np.uint64(num_candidates)  # unsigned positions: no negative-index wraparound in the chains
+        r0, r1, r2, r3 = sorted_rel[0], sorted_rel[1], sorted_rel[2], sorted_rel[3]
+        r4, r5, r6, r7 = sorted_rel[4], sorted_rel[5], sorted_rel[6], sorted_rel[7]
+        o0, o1, o2, o3, o4, o5, o6, o7 = start[0], start[1], start[2], start[3], start[4], start[5], start[6], start[7]
+        zero = np.uint64(0)
+        a0 = zero  # rows past ``rows`` start finished
+        a1 = zero if rows > 1 else n
+        a2 = zero if rows > 2 else n
+        a3 = zero if rows > 3 else n
+        a4 = zero if rows > 4 else n
+        a5 = zero if rows > 5 else n
+        a6 = zero if rows > 6 else n
+        a7 = zero if rows > 7 else n
+        p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = zero
+        while (a0 < n) | (a1 < n) | (a2 < n) | (a3 < n) | (a4 < n) | (a5 < n) | (a6 < n) | (a7 < n):
+            a0, p0 = lean_start_step(r0, o0, a0, p0, n, gap)
+            a1, p1 = lean_start_step(r1, o1, a1, p1, n, gap)
+            a2, p2 = lean_start_step(r2, o2, a2, p2, n, gap)
+            a3, p3 = lean_start_step(r3, o3, a3, p3, n, gap)
+            a4, p4 = lean_start_step(r4, o4, a4, p4, n, gap)
+            a5, p5 = lean_start_step(r5, o5, a5, p5, n, gap)
+            a6, p6 = lean_start_step(r6, o6, a6, p6, n, gap)
+            a7, p7 = lean_start_step(r7, o7, a7, p7, n, gap)
+
+    @_jit
+    def fused_hardest_pairs(rel, sim, order, gap, width, hinge, temperature, need_grad, terms, partner, slope, counts,
+                            status):
+        """The whole hard-mined loss of every row in one pass per row, bit for bit what :func:`label_windows` (given
+        order) followed by :func:`hardest_pairs_f32` compute, without their ``[Nq, Nc]`` window starts.
+
+        Per group of 8 rows: the given ``order`` checked (columns in ``[0, Nc)``, labels descending; on the first
+        failing row ``status = [1, row, 0]`` and nothing else is promised), the labels and float32 similarities
+        gathered in sorted order, the window starts of the 8 rows merged in lockstep (:func:`lean_start_step`); then
+        per row the packed keys ``monotone(S) << 32 | ~position`` and a sliding maximum of width ``w`` by doubling
+        (``floor(log2 w)`` vectorised elementwise maxima, the window ``[s, s + w)`` being ``max(M[s], M[s + w - p])``
+        with ``p`` the largest power of two <= w; unbounded windows: a suffix maximum), then per anchor with a
+        non-empty window (a prefix of the row: ``start`` is non-decreasing) the term, partner and slope as in
+        :func:`hardest_pairs_f32`. ``counts[q]`` = the number of anchors of row ``q`` with a non-empty window.
+        ``rel`` and ``sim`` may be strided views (the t2i direction reads transposes in place)."""
+        num_queries, num_candidates = sim.shape
+        n = num_candidates
+        group = 8
+        sorted_rel = np.empty((group, n + 1), rel.dtype)
+        for r in range(group):
+            sorted_rel[r, n] = -np.inf
+        values = np.empty((group, n), np.float32)
+        start = np.empty((group, n + 1), np.int32)
+        bounded = width < n
+        length = n + width - 1 if bounded else n
+        keys = np.empty(length, np.uint64)
+        other = np.empty(length, np.uint64)
+        plus_zero = np.empty(n, np.float32)
+        bits = plus_zero.view(np.int32)
+        low_mask = np.uint64(0xFFFFFFFF)
+        status[0] = 0
+        for first in range(0, num_queries, group):
+            rows = min(group, num_queries - first)
+            for r in range(rows):
+                q = first + r
+                outside = False
+                for b in range(n):
+                    column = order[q, b]
+                    outside |= (column < 0) | (column >= n)
+                if outside:
+                    status[0], status[1], status[2] = 1, q, 0
+                    return
+                row_rel = sorted_rel[r]
+                row_values = values[r]
+                for b in range(n):
+                    column = np.uint64(order[q, b])  # (unsigned: no wraparound test)
+                    row_rel[b] = rel[q, column]
+                    row_values[b] = sim[q, column]
+                increasing = False
+                previous = row_rel[: n - 1]
+                following = row_rel[1:n]
+                for b in range(n - 1):
+                    increasing |= following[b] > previous[b]
+                if increasing:
+                    status[0], status[1], status[2] = 1, q, 0
+                    return
+            lockstep_window_starts(sorted_rel, n, gap, start, rows)
+            for r in range(rows):
+                q = first + r
+                row_values = values[r]
+                row_start = start[r]
+                for j in range(n, length):  # the pads past Nc: key 0, below every real key
+                    keys[j] = 0
+                for b in range(n):
+                    plus_zero[b] = row_values[b] + np.float32(0.0)  # -0.0 -> +0.0
+                for b in range(n):
+                    pattern = bits[b]
+                    pattern = pattern ^ ((pattern >> 31) & 0x7FFFFFFF)  # int32 order == float order
+                    mono = np.uint64(np.uint32(pattern) ^ np.uint32(0x80000000))
+                    keys[b] = (mono << np.uint64(32)) | (np.uint64(~b) & low_mask)
+                window_max = keys
+                span = 1
+                if bounded:
+                    valid = length
+                    source, target = keys, other
+                    while 2 * span <= width:  # target[j] = max over [j, j + 2 span)
+                        valid -= span
+                        shifted = source[span:]  # (a slice: contiguous loads, vectorised)
+                        for j in range(valid):
+                            target[j] = max(source[j], shifted[j])
+                        source, target = target, source
+                        span *= 2
+                    window_max = source
+                else:
+                    for j in range(n - 2, -1, -1):
+                        keys[j] = max(keys[j], keys[j + 1])
+                tail = width - span
+                count = 0
+                while count < n and row_start[count] < n:
+                    count += 1
+                counts[q] = count
+                tail_max = window_max[tail:]
+                for a in range(count):
+                    s = np.uint64(row_start[a])
+                    key = window_max[s]
+                    if bounded:
+                        key = max(key, tail_max[s])
+                    at = np.int64(~key & low_mask)
+                    d = row_values[at] - row_values[a]
+                    if hinge:
+                        terms[q, a] = max(d, 0)
+                    else:
+                        x = d / temperature
+                        terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
+                    if need_grad:
+                        if hinge:
+                            partner[q, a] = order[q, at] if d > 0 else -1
+                        else:
+                            partner[q, a] = order[q, at]
+                            slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+                for a in range(count, n):
+                    terms[q, a] = 0
+                    if need_grad:
+                        partner[q, a] = -1
+
+    @_jit
     def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
         """grad_sim[q, partner] += phi' * g and grad_sim[q, anchor] -= phi' * g for every anchor with a partner
         (``partner >= 0``; ``phi' = 1`` for the hinge, ``slope`` otherwise); grad_sim comes zeroed."""
@@ -406,6 +561,26 @@ def _hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, term
     over_rows(chunk, sim.shape[0], threads)
 
 
+def _fused_hardest_pairs(
+    rel, sim, order, gap, width, hinge, temperature, need_grad, terms, partner, slope, counts, status, threads: int = 1
+) -> None:
+    """:func:`fused_hardest_pairs` over row chunks (multiples of its 8-row groups); ``status`` reports the first
+    failing row of all of them."""
+
+    def chunk(i, j):
+        chunk_status = np.zeros(3, status.dtype)
+        fused_hardest_pairs(
+            rel[i:j], sim[i:j], order[i:j], gap, width, hinge, temperature, need_grad, terms[i:j],
+            partner[i:j] if need_grad else partner, slope[i:j] if slope.shape[0] else slope, counts[i:j], chunk_status,
+        )
+        if chunk_status[0]:
+            chunk_status[1] += i
+        return chunk_status
+
+    failed = [chunk_status for chunk_status in over_rows(chunk, sim.shape[0], threads, 8) if chunk_status[0]]
+    status[:] = failed[0] if failed else 0
+
+
 def _hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim, threads: int = 1) -> None:
     def chunk(i, j):
         hardest_pairs_backward(
@@ -423,6 +598,7 @@ if numba is not None:
         window_starts=_window_starts,
         hardest_pairs=_hardest_pairs,
         hardest_pairs_backward=_hardest_pairs_backward,
+        fused_hardest_pairs=_fused_hardest_pairs,
     )
 
 

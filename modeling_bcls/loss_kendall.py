@@ -416,6 +416,66 @@ class _HardestPairLoss(torch.autograd.Function):
         return torch.zeros_like(g).scatter_add_(1, order, grad_sorted), None, None, None, None, None
 
 
+class _FusedHardestPairLoss(torch.autograd.Function):
+    """:class:`_HardestPairLoss` with the label side folded in (CPU kernels, float32 similarities): one compiled pass
+    per row checks the given order, finds the window starts and the hardest pairs (:func:`.kendall_kernels.
+    fused_hardest_pairs`); returns the ``[Nq, Nc]`` terms and the number of non-empty windows. Bit for bit what
+    :func:`_label_windows` followed by :class:`_HardestPairLoss` return, without their ``[Nq, Nc]`` window starts."""
+
+    @staticmethod
+    def forward(ctx, sim, relevance, order, sort_order, label_gap, width, surrogate, temperature):
+        kernels = ctx.kernels = _cpu_kernels(sim, relevance, order)
+        need_grad = ctx.needs_input_grad[0]
+        num_queries, num_candidates = sim.shape
+        terms = torch.empty((num_queries, num_candidates), dtype=sim.dtype)
+        hinge = ctx.hinge = surrogate == "hinge"
+        partner = torch.empty(sim.shape if need_grad else (0, 0), dtype=torch.int32)
+        slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
+        counts = torch.empty(num_queries, dtype=torch.long)
+        status = torch.zeros(3, dtype=torch.long)
+        rel = relevance.numpy()  # (strided views are read in place: the t2i direction needs no transposing copy)
+        gap = relevance.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
+        kernels.fused_hardest_pairs(
+            rel, sim.detach().numpy(), order.numpy(), rel.dtype.type(gap), int(width), hinge, float(temperature),
+            need_grad, terms.numpy(), partner.numpy(), slope.numpy(), counts.numpy(), status.numpy(),
+            _kernel_threads(terms),
+        )
+        if int(status[0]):  # a bad given order: the unfused label pass names the row and position
+            _label_windows(relevance, sort_order, label_gap)
+            raise AssertionError("the fused Kendall kernel rejected an order that the label pass accepts")
+        if need_grad:
+            ctx.save_for_backward(order, partner, slope)
+        count = counts.sum()
+        ctx.mark_non_differentiable(count)
+        return terms, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_count):
+        order, partner, slope = ctx.saved_tensors
+        grad_sim = torch.zeros(partner.shape, dtype=grad_output.dtype)
+        ctx.kernels.hardest_pairs_backward(  # grad_output is often an expanded scalar (stride 0): read as it is
+            grad_output.numpy(), order.numpy(), partner.numpy(), ctx.hinge, slope.numpy(), grad_sim.numpy(),
+            _kernel_threads(grad_sim),
+        )
+        return grad_sim, None, None, None, None, None, None, None
+
+
+def _fused_hard_mining(sim, relevance, sort_order, label_gap, width, surrogate, temperature):
+    """(sum of the hard-mined terms, their count) by :class:`_FusedHardestPairLoss`, or None where it does not apply
+    (not on CPU, no Numba, not float32 similarities)."""
+    if sim.dtype != torch.float32 or sim.shape[1] >= 2**31 or _cpu_kernels(sim, relevance) is None:
+        return None
+    if sort_order is None:
+        order = _sort_descending(relevance)[1]
+    else:
+        order = _check_sort_order(sort_order, relevance, check_range=False)  # the kernel checks the range
+    terms, count = _FusedHardestPairLoss.apply(
+        sim, relevance, order.contiguous(), sort_order, label_gap, width, surrogate, temperature
+    )
+    return terms.sum(), count
+
+
 def _blocks(num_queries: int, num_candidates: int, width: int):
     """Yields (row slice, anchor slice) blocks of at most about ``_BLOCK_ELEMENTS`` pairs."""
     per_row = num_candidates * width
@@ -495,8 +555,12 @@ def _kendall_parts(
     if sim.numel() == 0:
         terms = _empty_terms(sim)
         return terms.sum(), torch.zeros((), dtype=torch.long, device=sim.device), terms
-    order, start = _label_windows(relevance, sort_order, label_gap)
     width = num_candidates if window_size is None else min(int(window_size), num_candidates)
+    if hard_mining and not want_terms:
+        fused = _fused_hard_mining(sim, relevance, sort_order, label_gap, width, surrogate, temperature)
+        if fused is not None:
+            return fused[0], fused[1], None
+    order, start = _label_windows(relevance, sort_order, label_gap)
     if hard_mining:
         per_anchor = _HardestPairLoss.apply(sim, order, start, width, surrogate, temperature)
         if want_terms:
