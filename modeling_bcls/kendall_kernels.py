@@ -331,6 +331,19 @@ if numba is not None:
             a7, p7 = lean_start_step(r7, o7, a7, p7, n, gap)
 
     @_jit
+    def block_rows(matrix, first, rows, block):
+        """block[r, c] = matrix[first + r, c] for r < rows, read column by column (contiguous for a transposed view)."""
+        for c in range(matrix.shape[1]):
+            for r in range(rows):
+                block[r, c] = matrix[first + r, c]
+
+    @_jit
+    def gather_sorted(source, row, columns, out):
+        """out[b] = source[row, columns[b]] (columns already checked to lie in range)."""
+        for b in range(columns.shape[0]):
+            out[b] = source[row, np.uint64(columns[b])]  # (unsigned: no wraparound test)
+
+    @_jit
     def fused_hardest_pairs(rel, sim, order, gap, width, hinge, temperature, need_grad, terms, partner, slope, counts,
                             status):
         """The whole hard-mined loss of every row in one pass per row, bit for bit what :func:`label_windows` (given
@@ -344,7 +357,8 @@ if numba is not None:
         with ``p`` the largest power of two <= w; unbounded windows: a suffix maximum), then per anchor with a
         non-empty window (a prefix of the row: ``start`` is non-decreasing) the term, partner and slope as in
         :func:`hardest_pairs_f32`. ``counts[q]`` = the number of anchors of row ``q`` with a non-empty window.
-        ``rel`` and ``sim`` may be strided views (the t2i direction reads transposes in place)."""
+        ``rel`` and ``sim`` may be strided views: a transposed one (the t2i direction) is read in blocks of 8 columns,
+        no transposing copy of the matrix."""
         num_queries, num_candidates = sim.shape
         n = num_candidates
         group = 8
@@ -361,8 +375,17 @@ if numba is not None:
         bits = plus_zero.view(np.int32)
         low_mask = np.uint64(0xFFFFFFFF)
         status[0] = 0
+        # a transposed view (the t2i direction) is read column by column into a block of rows: contiguous reads
+        rel_by_columns = num_queries > 1 and rel.strides[0] < rel.strides[1]
+        sim_by_columns = num_queries > 1 and sim.strides[0] < sim.strides[1]
+        rel_block = np.empty((group, n if rel_by_columns else 0), rel.dtype)
+        sim_block = np.empty((group, n if sim_by_columns else 0), sim.dtype)
         for first in range(0, num_queries, group):
             rows = min(group, num_queries - first)
+            if rel_by_columns:
+                block_rows(rel, first, rows, rel_block)
+            if sim_by_columns:
+                block_rows(sim, first, rows, sim_block)
             for r in range(rows):
                 q = first + r
                 outside = False
@@ -374,10 +397,14 @@ if numba is not None:
                     return
                 row_rel = sorted_rel[r]
                 row_values = values[r]
-                for b in range(n):
-                    column = np.uint64(order[q, b])  # (unsigned: no wraparound test)
-                    row_rel[b] = rel[q, column]
-                    row_values[b] = sim[q, column]
+                if rel_by_columns:
+                    gather_sorted(rel_block, r, order[q], row_rel)
+                else:
+                    gather_sorted(rel, q, order[q], row_rel)
+                if sim_by_columns:
+                    gather_sorted(sim_block, r, order[q], row_values)
+                else:
+                    gather_sorted(sim, q, order[q], row_values)
                 increasing = False
                 previous = row_rel[: n - 1]
                 following = row_rel[1:n]

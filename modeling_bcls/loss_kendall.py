@@ -433,7 +433,7 @@ class _FusedHardestPairLoss(torch.autograd.Function):
         slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
         counts = torch.empty(num_queries, dtype=torch.long)
         status = torch.zeros(3, dtype=torch.long)
-        rel = relevance.numpy()  # (strided views are read in place: the t2i direction needs no transposing copy)
+        rel = relevance.numpy()  # (strided views are read as they are: the t2i direction needs no transposing copy)
         gap = relevance.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
         kernels.fused_hardest_pairs(
             rel, sim.detach().numpy(), order.numpy(), rel.dtype.type(gap), int(width), hinge, float(temperature),
