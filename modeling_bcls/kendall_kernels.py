@@ -15,6 +15,11 @@ They compute exactly what the torch path of :mod:`.loss_kendall` computes, in on
   order, the term ``phi(max_b S_b - S_a)`` and its gradient routed to the anchor and partner columns.
   For float32 (:func:`hardest_pairs_f32`) the maxima run on packed ``value << 32 | ~position`` keys, branch-free.
 
+* :func:`fused_hardest_pairs` — the hard-mined loss in one pass per row, what the loss runs in training: the given
+  order checked, labels and similarities gathered in sorted order (a transposed view read in column blocks), the
+  window starts of 8 rows merged in lockstep, the hardest pair by a sliding maximum by doubling (vectorised), and
+  the count of non-empty windows; no ``[Nq, Nc]`` window starts.
+
 Time O(Nq * Nc log Nc) for the sort (a few ns per label), O(Nq * Nc) for the rest whatever ``w``; memory
 O(Nq * Nc). Ties of the maximum pick the first (lowest sorted position) partner, a valid subgradient.
 
