@@ -136,6 +136,90 @@ def text_features(model, processor, captions: list[str], batch_size: int = 256) 
     return out
 
 
+def text_mask(tower, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
+def text_tail(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
+    """The text tower's last `layers` encoder layers + the model's own pooling, from the lock-boundary states."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    tower = model.text_model
+    mask = text_mask(tower, hidden, attention_mask)
+    for layer in tower.encoder.layer[len(tower.encoder.layer) - layers :]:
+        hidden = layer(hidden, mask)
+    return model._pool(BaseModelOutput(last_hidden_state=hidden), model.config.text_pooling, attention_mask, "text")
+
+
+@torch.no_grad()
+def text_cut_features(model, processor, captions: list[str], layers: int, batch_size: int = 256):
+    """Token states at the input of the last `layers` text-encoder layers, packed: [sum of lengths, hidden] plus
+    offsets [N + 1] (caption i owns rows offsets[i]:offsets[i+1])."""
+    from tqdm.auto import tqdm
+
+    tower = model.text_model.eval()
+    states: list[torch.Tensor | None] = [None] * len(captions)
+    for start in tqdm(range(0, len(captions), batch_size), desc=f"caption states (-{layers})"):
+        rows = list(range(start, min(start + batch_size, len(captions))))
+        tokens = processor(text=[captions[i] for i in rows], padding=True, return_tensors="pt")
+        hidden = tower.embeddings(input_ids=tokens["input_ids"])
+        mask = text_mask(tower, hidden, tokens["attention_mask"])
+        for layer in tower.encoder.layer[: len(tower.encoder.layer) - layers]:
+            hidden = layer(hidden, mask)
+        for k, i in enumerate(rows):
+            states[i] = hidden[k, : int(tokens["attention_mask"][k].sum())].clone()
+    lengths = torch.tensor([len(x) for x in states])
+    return torch.cat(states), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
+def padded_states(packed: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor):
+    """Rows `ids` of packed token states as a padded batch [len(ids), max length, hidden] + attention mask."""
+    starts, ends = offsets[ids], offsets[ids + 1]
+    lengths = ends - starts
+    width = int(lengths.max())
+    position = torch.arange(width)
+    mask = position[None, :] < lengths[:, None]
+    index = (starts[:, None] + position[None, :]).clamp(max=packed.shape[0] - 1)
+    hidden = packed[index] * mask[..., None]
+    return hidden, mask.long()
+
+
+def tail_by_length(model, cut: dict[str, torch.Tensor], ids: torch.Tensor, layers: int, chunk: int = 32) -> torch.Tensor:
+    """`text_tail` of captions `ids` run in chunks of similar length (less padding; each caption's output does not
+    depend on the others'), returned in the order of `ids`."""
+    lengths = cut["offsets"][ids + 1] - cut["offsets"][ids]
+    order = torch.argsort(lengths, stable=True)
+    pooled = torch.cat([text_tail(model, *padded_states(cut["states"], cut["offsets"], ids[part]), layers)
+                        for part in order.split(chunk)])
+    return pooled[torch.argsort(order)]
+
+
+def cmd_text_cut(args) -> None:
+    """Lock-boundary token states of the text tower (input of its last --layers layers), train + val."""
+    from modeling_bcls import BCLSProcessor
+
+    limit_threads(args.threads)
+    model = build_model(args.vision)
+    processor = BCLSProcessor.from_vision_text_pretrained(args.vision, minilm_path())
+    for split in ("train", "val"):
+        path = Path(args.output_dir) / "features" / f"{split}_text_cut{args.layers}.safetensors"
+        if path.exists():
+            print(f"{path} exists")
+            continue
+        start = time.perf_counter()
+        pairs, index = load_split(Path(args.data), split)
+        packed, offsets = text_cut_features(model, processor, index.captions, args.layers)
+        check = torch.arange(min(64, index.num_captions))  # the tail on the cut reproduces the pooled features
+        with torch.no_grad():
+            pooled = text_tail(model.eval(), *padded_states(packed, offsets, check), args.layers)
+        reference = load_file(str(Path(args.output_dir) / "features" / f"{split}.safetensors"))["text"][check]
+        print(f"{split}: tail(cut) vs pooled features: max |diff| {(pooled - reference).abs().max():.2e}")
+        save_file({"states": packed.contiguous(), "offsets": offsets}, str(path))
+        print(f"{split}: {len(offsets) - 1} captions, {packed.shape[0]} tokens in {time.perf_counter() - start:.0f}s")
+
+
 def cmd_features(args) -> None:
     from modeling_bcls import BCLSProcessor
 
@@ -152,7 +236,10 @@ def cmd_features(args) -> None:
         start = time.perf_counter()
         pairs, index = load_split(Path(args.data), split)
         tensors = image_features(model, processor, pairs, index)
-        tensors["text"] = text_features(model, processor, index.captions)
+        if args.text_from:  # the text tower does not change with --vision: reuse its outputs
+            tensors["text"] = load_file(str(Path(args.text_from) / "features" / f"{split}.safetensors"))["text"]
+        else:
+            tensors["text"] = text_features(model, processor, index.captions)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         print(f"{split}: {index.num_images} images, {index.num_captions} captions in {time.perf_counter() - start:.0f}s")
 
@@ -233,27 +320,40 @@ def cmd_run(args) -> dict:
     model = build_model(args.vision, args.projection_hidden_dim)
     tower = model.vision_model
     trainable: list[nn.Parameter] = list(model.visual_projection.parameters()) + list(model.text_projection.parameters())
+    tower_params: list[nn.Parameter] = []
+    text_layers = int(args.unlock[4:]) if args.unlock.startswith("text") else 0
     if args.unlock == "vision2":
         tail = nn.ModuleList([tower.encoder.blocks[-1], tower.encoder.top_conv, tower.encoder.top_bn])
-        trainable += list(tail.parameters())
+        tower_params = list(tail.parameters())
+    elif text_layers:
+        layers = model.text_model.encoder.layer
+        tail = nn.ModuleList(layers[len(layers) - text_layers :])
+        tower_params = list(tail.parameters())
     model.requires_grad_(False)
-    for p in trainable:
+    for p in trainable + tower_params:
         p.requires_grad_(True)
     model.eval()  # frozen parts: eval mode; trained modules switched to train below
     model.visual_projection.train(), model.text_projection.train()
-    if args.unlock == "vision2":
-        tower.encoder.blocks[-1].train(), tower.encoder.top_bn.train()
+    if args.unlock != "none":
+        tail.train()
+
+    if text_layers:
+        cut = {split: load_file(str(feature_dir / f"{split}_text_cut{text_layers}.safetensors")) for split in ("train", "val")}
 
     def image_input(feats, ids):
         key = "cut" if args.unlock == "vision2" else "pooled"
         return feats[key][ids]
 
+    def text_input(split: str, feats, ids: torch.Tensor):
+        return (cut[split], ids) if text_layers else feats["text"][ids]
+
     def embed_images(x: torch.Tensor) -> torch.Tensor:
         pooled = vision_tail(tower, x) if args.unlock == "vision2" else x
         return nn.functional.normalize(model.visual_projection(pooled).float(), dim=-1)
 
-    def embed_texts(x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(model.text_projection(x).float(), dim=-1)
+    def embed_texts(x) -> torch.Tensor:
+        pooled = tail_by_length(model, *x, text_layers) if text_layers else x
+        return nn.functional.normalize(model.text_projection(pooled).float(), dim=-1)
 
     relevance = None
     if args.kendall_weight > 0:
@@ -267,9 +367,12 @@ def cmd_run(args) -> dict:
         kendall_label_gap=args.kendall_label_gap,
         kendall_hard_mining=not args.no_hard_mining,
     )
+    tower_lr = args.tower_learning_rate or args.learning_rate
+    groups = [(trainable, args.learning_rate), (tower_params, tower_lr)]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
-         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+        [group for params, lr in groups for decay in (True, False)
+         if (group := {"params": [p for p in params if (p.dim() >= 2) == decay],
+                       "weight_decay": args.weight_decay if decay else 0.0, "base_lr": lr})["params"]],
         lr=args.learning_rate,
     )
     caption_image = train_index.caption_image_ids
@@ -286,9 +389,9 @@ def cmd_run(args) -> dict:
             caption_ids = perm[b * args.batch_size : (b + 1) * args.batch_size]
             image_ids = caption_image[caption_ids]
             for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * lr_factor(step, total, warmup)
+                group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)
             img = embed_images(image_input(train_feats, torch.as_tensor(image_ids)))
-            txt = embed_texts(train_feats["text"][torch.as_tensor(caption_ids)])
+            txt = embed_texts(text_input("train", train_feats, torch.as_tensor(caption_ids)))
             sim = img @ txt.T
             positive = torch.as_tensor(image_ids[:, None] == image_ids[None, :])
             weight = args.kendall_weight * kendall_factor(step, total, args.kendall_warmup)
@@ -307,7 +410,8 @@ def cmd_run(args) -> dict:
     with torch.no_grad():
         val_img = torch.cat([embed_images(image_input(val_feats, torch.arange(s, min(s + 256, val_index.num_images))))
                              for s in range(0, val_index.num_images, 256)])
-        val_txt = embed_texts(val_feats["text"])
+        val_txt = torch.cat([embed_texts(text_input("val", val_feats, torch.arange(s, min(s + 256, val_index.num_captions))))
+                             for s in range(0, val_index.num_captions, 256)])
     val_relevance = build_relevance_labels(val_pairs, kind="sentence", model_name_or_path=minilm_path())
     metrics = split_metrics(EncodedSplit(val_img, val_txt, val_index), val_relevance)
     record = {
@@ -335,6 +439,8 @@ def default_setting(args) -> str:
     `vse,kw0.2,kendall_window_size=8`."""
     defaults = vars(parse_args(["run"]))
     parts = [args.binary_loss, f"kw{args.kendall_weight:g}"]
+    if Path(args.vision).resolve() != DEFAULT_VISION.resolve():
+        parts.append(f"vision={Path(args.vision).name}")
     for key, value in vars(args).items():
         if key in SETTING_EXCLUDE or key in ("binary_loss", "kendall_weight") or value == defaults.get(key):
             continue
@@ -450,12 +556,18 @@ def parse_args(argv=None):
     parser.add_argument("--vision", default=str(DEFAULT_VISION), help="converted EfficientNet-Lite folder")
     parser.add_argument("--threads", type=int, default=1)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("features").set_defaults(func=cmd_features)
+    features = sub.add_parser("features")
+    features.set_defaults(func=cmd_features)
+    features.add_argument("--text_from", default=None, help="an --output_dir whose text features to reuse")
+    text_cut = sub.add_parser("text_cut")
+    text_cut.set_defaults(func=cmd_text_cut)
+    text_cut.add_argument("--layers", type=int, default=1, help="unlocked text-encoder layers")
     run = sub.add_parser("run")
     run.set_defaults(func=cmd_run)
     run.add_argument("--setting", default=None, help="label of the setting (default: from the flags)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--unlock", choices=["none", "vision2"], default="none")
+    run.add_argument("--unlock", choices=["none", "vision2", "text1", "text2"], default="none")
+    run.add_argument("--tower_learning_rate", type=float, default=None, help="for unlocked tower layers (default: --learning_rate)")
     run.add_argument("--projection_hidden_dim", type=int, default=None)
     run.add_argument("--epochs", type=int, default=8)
     run.add_argument("--batch_size", type=int, default=128)
