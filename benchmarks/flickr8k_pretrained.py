@@ -2,8 +2,9 @@
 """Flickr8k train → val with pretrained towers: the study that decides whether the Kendall term earns its place.
 
     python benchmarks/flickr8k_pretrained.py features                      # once: tower outputs of train + val
+    python benchmarks/flickr8k_pretrained.py text_cut --layers 1           # only for --unlock text1
     python benchmarks/flickr8k_pretrained.py run --binary_loss vse --kendall_weight 0.2 --seed 0
-    python benchmarks/flickr8k_pretrained.py collect                       # tables + rsum-vs-τ-b plot
+    python benchmarks/flickr8k_pretrained.py collect [--tower effnet-lite2-256]   # tables + rsum-vs-τ-b plot
 
 Towers: EfficientNet-Lite0 (ImageNet, converted with `python -m trainer_bcls.convert_efficientnet_lite`) at 128 px
 and all-MiniLM-L6-v2 (mean pooling), both from `BCLSModel.from_vision_text_pretrained`. Frozen tower parts run in
@@ -16,6 +17,15 @@ epoch:
   (bias-free linear, or the MLP head of `--projection_hidden_dim`) on the pooled tower outputs.
 - `--unlock vision2`: the image tower's last MBConv block and its 1x1 head conv + BatchNorm (the last 2 layer groups)
   train too, from cached inputs of that block ([192, 4, 4] at 128 px).
+- `--unlock text1` / `text2` (LiT: image locked, text partly unlocked): the text tower's last 1 / 2 encoder layers
+  train too (dropout on, `--tower_learning_rate`), from its cached token states at the lock boundary
+  (`text_cut --layers N` writes them packed, and checks that the tail on them reproduces the pooled features);
+  each batch runs the tail in chunks of captions of similar length. `train.py --freeze_text_model
+  --text_unlocked_layers N --tower_learning_rate LR` computes the same (it re-runs the frozen layers every step).
+
+`--vision` picks the converted image tower (its `preprocessor_config.json` sets the input size: the 128 px JPEGs are
+resized to it); runs with another tower than the default get `vision=<folder name>` in their setting name and
+should use their own `--output_dir` (`features --text_from DIR` reuses the text outputs of another one).
 
 Every run is step-matched (`--epochs` over the 29,995 train pairs, batch `--batch_size`), AdamW with warmup +
 cosine decay, one CPU thread. The loss is the package's `bcls_loss` (`binary_loss` + `kendall_weight` × Kendall
@@ -475,7 +485,11 @@ def cmd_collect(args) -> None:
         records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
     else:
         records = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "runs").glob("*.json"))]
+    if args.tower:
+        records = [r for r in records if Path(r["args"].get("vision", str(DEFAULT_VISION))).name == args.tower]  # old records: the default tower
     summary = summarise(records)
+    if args.tower:  # one tower: its name need not be in every setting
+        summary = {name.replace(f",vision={args.tower}", ""): s for name, s in summary.items()}
     digits = {"kendall_tau_b": 4, "ndcg@10": 4}
     header = ["setting", "seeds", "steps", "train s"] + [name for _, name in TABLE]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -489,10 +503,10 @@ def cmd_collect(args) -> None:
     table = "\n".join(lines)
     print(table)
     if args.plot:
-        plot(summary, Path(args.plot))
+        plot(summary, Path(args.plot), args.tower or Path(args.vision).name)
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, tower: str) -> None:
     """rsum against τ-b, one point per setting (error bars: half-range over seeds). Left: every setting; the plain
     `<binary>,kw<λ>` settings of each binary loss are joined in λ order (its frontier), the others are grey. Right: the
     Triplet-SN region, with the sweep settings run over several seeds labelled."""
@@ -539,11 +553,13 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_title("All settings (grey: knob sweep; ×: one seed)", fontsize=10)
     axes[0].legend(title="binary loss (+ λ·Kendall)", fontsize=8)
-    axes[1].set_xlim(0.275, 0.325)
-    axes[1].set_ylim(184, 194)
+    region = [s["stats"] for name, s in summary.items() if name.startswith("triplet_sn")]
+    taus, rsums = [st["kendall_tau_b"][0] for st in region], [st["rsum"][0] for st in region]
+    axes[1].set_xlim(min(taus) - 0.005, max(taus) + 0.01)
+    axes[1].set_ylim(min(min(rsums) - 3, 0.98 * summary["triplet_sn,kw0"]["stats"]["rsum"][0] - 1), max(rsums) + 2)
     axes[1].axhline(0.98 * summary["triplet_sn,kw0"]["stats"]["rsum"][0], color="tab:blue", ls=":", lw=1)
     axes[1].set_title("Triplet-SN region (dotted: 98 % of Triplet-SN's rsum)", fontsize=10)
-    fig.suptitle("Flickr8k val, locked EfficientNet-Lite0 + MiniLM: recall vs coherence (mean ± half-range, 3 seeds)")
+    fig.suptitle(f"Flickr8k val, locked {tower} + MiniLM: recall vs coherence (mean ± half-range, 3 seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
@@ -589,6 +605,7 @@ def parse_args(argv=None):
     collect.set_defaults(func=cmd_collect)
     collect.add_argument("--plot", default=None)
     collect.add_argument("--records", default=None, help="a JSONL file of run records instead of --output_dir/runs")
+    collect.add_argument("--tower", default=None, help="only the runs of this image tower (--vision folder name)")
     return parser.parse_args(argv)
 
 

@@ -245,3 +245,34 @@ def test_train_script_freeze_flags(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="vision_unlocked_layers=1 needs freeze_vision_model"):
         train.main(["--data", str(synthetic_dir), "--output_dir", str(tmp_path / "x"), "--vision_unlocked_layers", "1",
                     "--max_steps", "1", "--eval_split", "", "--use_cpu", "true"])
+
+
+def test_tower_learning_rate_groups_and_a_zero_tower_rate_leaves_unlocked_layers_unchanged(splits, tmp_path):
+    from trainer_bcls.tower_learning_rate import is_tower_parameter
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor(splits[0]["caption"], image_size=32, projection_dim=32)
+    freeze_towers(model, freeze_vision_model=True, vision_unlocked_layers=1)
+    before = snapshot(model)
+    trainer = train_steps(splits, tmp_path, model, processor, steps=3, tower_learning_rate=0.0, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = set(trainer.get_decay_parameter_names(model))
+    grouped = [(names[id(p)], g["initial_lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups
+               for p in g["params"]]
+    # every trainable parameter exactly once; towers at the tower rate, the rest at learning_rate; HF's decay split
+    assert sorted(n for n, _, _ in grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    for name, lr, weight_decay in grouped:
+        assert lr == (0.0 if is_tower_parameter(name) else 1e-2), name
+        assert weight_decay == (0.1 if name in decay else 0.0), name
+    assert any(is_tower_parameter(n) for n, _, _ in grouped) and any(not is_tower_parameter(n) for n, _, _ in grouped)
+    after = snapshot(model)
+    unlocked = [n for n in before if n.startswith("vision_model.encoder.stages.2.") and n.endswith("weight")]
+    assert unlocked
+    for name in unlocked:  # trainable, in train mode, but a rate of 0 (AdamW's decay is scaled by the rate too)
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["visual_projection.weight"], before["visual_projection.weight"])
+
+
+def test_tower_learning_rate_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="tower_learning_rate"):
+        BCLSTrainingArguments(output_dir=str(tmp_path), tower_learning_rate=-1.0, report_to=[])

@@ -36,6 +36,7 @@ from .global_loss import global_bcls_loss
 from .gradcache import cached_embeddings
 from .locked_image_cache import LockedImageFeatureCache
 from .tower_freezing import is_tower_locked
+from .tower_learning_rate import tower_parameter_groups
 from .training_args import BCLSTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,30 @@ class BCLSTrainer(Trainer):
                 self._batches_counted,
             )
         return result
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`, with `args.tower_learning_rate` (when set) for the towers' trainable
+        parameters and `args.learning_rate` for the rest (`trainer_bcls.tower_learning_rate`)."""
+        if self.optimizer is not None or self.args.tower_learning_rate is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if special or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
+            raise ValueError(
+                f"tower_learning_rate works with plain torch optimizers; optim={self.args.optim!r} builds its own "
+                "parameter groups. Leave tower_learning_rate unset with this optimizer."
+            )
+        groups = tower_parameter_groups(
+            opt_model,
+            self.get_decay_parameter_names(opt_model),
+            weight_decay=self.args.weight_decay,
+            learning_rate=self.args.learning_rate,
+            tower_learning_rate=self.args.tower_learning_rate,
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     # ------------------------------------------------------------------ loss
     @property

@@ -27,6 +27,9 @@ class BCLSTrainingArguments(TrainingArguments):
       embed each distinct training image once and reuse its pooled output (`trainer_bcls.locked_image_cache`);
       bypassed when the collator augments images.
     - `eval_chunk_size`: query chunk of the chunked retrieval metrics (bounds evaluation memory).
+    - `tower_learning_rate`: learning rate of the towers' trainable parameters (unlocked layers, or whole towers
+      when fine-tuned); `None` uses `learning_rate` everywhere. The projections always use `learning_rate`
+      (`trainer_bcls.tower_learning_rate`).
     """
 
     remove_unused_columns: bool = field(
@@ -49,8 +52,15 @@ class BCLSTrainingArguments(TrainingArguments):
         metadata={"help": "Locked vision tower: run it once per distinct training image and cache its outputs."},
     )
     eval_chunk_size: int = field(default=1024, metadata={"help": "Query chunk size of the retrieval metrics."})
+    tower_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the towers' trainable layers (default: learning_rate); the "
+                  "projections keep learning_rate."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.embedding_chunk_size is not None and self.embedding_chunk_size < 1:
             raise ValueError(f"embedding_chunk_size must be a positive integer, got {self.embedding_chunk_size}")
+        if self.tower_learning_rate is not None and self.tower_learning_rate < 0:
+            raise ValueError(f"tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
