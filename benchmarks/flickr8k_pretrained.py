@@ -480,11 +480,31 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def append_records(records: list[dict], path: Path) -> None:
+    """Append the runs not yet in the JSONL file `path` (by setting and seed), without the training log and local
+    paths (`--vision` becomes its folder name)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    known = {(r["setting"], r["seed"]) for r in map(json.loads, filter(str.strip, lines))}
+    added = 0
+    with path.open("a") as out:
+        for r in records:
+            if (r["setting"], r["seed"]) in known:
+                continue
+            run_args = {k: v for k, v in r["args"].items() if k not in ("data", "output_dir", "command", "func")}
+            run_args["vision"] = Path(run_args.get("vision", str(DEFAULT_VISION))).name
+            out.write(json.dumps({k: r[k] for k in ("setting", "seed", "steps", "train_seconds", "metrics")}
+                                 | {"args": run_args}) + "\n")
+            added += 1
+    print(f"appended {added} records to {path}")
+
+
 def cmd_collect(args) -> None:
     if args.records:  # e.g. benchmarks/flickr8k_pretrained_runs.jsonl, the committed records of the study
         records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
     else:
         records = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "runs").glob("*.json"))]
+    if args.append_to:
+        append_records(records, Path(args.append_to))
     if args.tower:
         records = [r for r in records if Path(r["args"].get("vision", str(DEFAULT_VISION))).name == args.tower]  # old records: the default tower
     summary = summarise(records)
@@ -503,7 +523,8 @@ def cmd_collect(args) -> None:
     table = "\n".join(lines)
     print(table)
     if args.plot:
-        plot(summary, Path(args.plot), args.tower or Path(args.vision).name)
+        locked = {name: s for name, s in summary.items() if "unlock=" not in name}  # the plot: locked towers only
+        plot(locked, Path(args.plot), args.tower or Path(args.vision).name)
 
 
 def plot(summary: dict, path: Path, tower: str) -> None:
@@ -605,6 +626,7 @@ def parse_args(argv=None):
     collect.set_defaults(func=cmd_collect)
     collect.add_argument("--plot", default=None)
     collect.add_argument("--records", default=None, help="a JSONL file of run records instead of --output_dir/runs")
+    collect.add_argument("--append_to", default=None, help="append the runs not yet in this JSONL file")
     collect.add_argument("--tower", default=None, help="only the runs of this image tower (--vision folder name)")
     return parser.parse_args(argv)
 

@@ -160,6 +160,23 @@ if numba is not None:
             window_starts(sorted_block[:rows], gap, start[first : first + rows])
 
     @_jit
+    def store_pair(q, a, d, column, hinge, temperature, need_grad, terms, partner, slope):
+        """Row q, anchor a: its hardest pair's term ``max(d, 0)`` (hinge) or ``T softplus(d / T)`` at
+        ``d = S(partner) - S(anchor)``, and for the backward the partner's column (-1: no gradient) and the slope
+        (the hinge's slope is 1 on the partner, or there is no gradient at all: no slope array is written)."""
+        if hinge:
+            terms[q, a] = max(d, 0)
+        else:
+            x = d / temperature
+            terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
+        if need_grad:
+            if hinge:
+                partner[q, a] = column if d > 0 else -1
+            else:
+                partner[q, a] = column
+                slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+
+    @_jit
     def hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
         """terms[q, a] = phi(max_{b in W_a} S[q, order[q, b]] - S[q, order[q, a]]) (0 for an empty window);
         when need_grad, partner[q, a] = column of the maximum (-1 where phi' = 0: empty window, or hinge with
@@ -217,17 +234,7 @@ if numba is not None:
                     if prefix[end] > best:
                         best, at = prefix[end], prefix_at[end]
                 d = best - values[a]
-                if hinge:
-                    terms[q, a] = max(d, 0)
-                else:
-                    x = d / temperature
-                    terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
-                if need_grad:
-                    if hinge:  # slope 1 on the partner, or no gradient at all (partner -1): no slope array
-                        partner[q, a] = order[q, at] if d > 0 else -1
-                    else:
-                        partner[q, a] = order[q, at]
-                        slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+                store_pair(q, a, d, order[q, at], hinge, temperature, need_grad, terms, partner, slope)
 
     @_jit
     def hardest_pairs_f32(sim, order, start, width, hinge, temperature, need_grad, terms, partner, slope):
@@ -283,17 +290,7 @@ if numba is not None:
                     key = max(key, prefix[s + width - 1])
                 at = np.int64(~key & low_mask)
                 d = values[at] - values[a]
-                if hinge:
-                    terms[q, a] = max(d, 0)
-                else:
-                    x = d / temperature
-                    terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
-                if need_grad:
-                    if hinge:
-                        partner[q, a] = order[q, at] if d > 0 else -1
-                    else:
-                        partner[q, a] = order[q, at]
-                        slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+                store_pair(q, a, d, order[q, at], hinge, temperature, need_grad, terms, partner, slope)
 
     @_jit
     def lean_start_step(row, out, a, p, num_candidates, gap):
@@ -461,17 +458,7 @@ if numba is not None:
                         key = max(key, tail_max[s])
                     at = np.int64(~key & low_mask)
                     d = row_values[at] - row_values[a]
-                    if hinge:
-                        terms[q, a] = max(d, 0)
-                    else:
-                        x = d / temperature
-                        terms[q, a] = temperature * (max(x, 0) + np.log1p(np.exp(-abs(x))))
-                    if need_grad:
-                        if hinge:
-                            partner[q, a] = order[q, at] if d > 0 else -1
-                        else:
-                            partner[q, a] = order[q, at]
-                            slope[q, a] = 1 / (1 + np.exp(-d / temperature))
+                    store_pair(q, a, d, order[q, at], hinge, temperature, need_grad, terms, partner, slope)
                 for a in range(count, n):
                     terms[q, a] = 0
                     if need_grad:
