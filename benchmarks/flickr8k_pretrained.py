@@ -574,7 +574,7 @@ def plot(summary: dict, path: Path, tower: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_title("All settings (grey: knob sweep; ×: one seed)", fontsize=10)
     axes[0].legend(title="binary loss (+ λ·Kendall)", fontsize=8)
-    region = [s["stats"] for name, s in summary.items() if name.startswith("triplet_sn")]
+    region = [s["stats"] for name, s in summary.items() if name.startswith("triplet_sn") and len(s["seeds"]) > 1]
     taus, rsums = [st["kendall_tau_b"][0] for st in region], [st["rsum"][0] for st in region]
     axes[1].set_xlim(min(taus) - 0.005, max(taus) + 0.01)
     axes[1].set_ylim(min(min(rsums) - 3, 0.98 * summary["triplet_sn,kw0"]["stats"]["rsum"][0] - 1), max(rsums) + 2)
