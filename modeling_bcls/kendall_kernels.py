@@ -4,12 +4,14 @@ the threads the caller gives.
 They compute exactly what the torch path of :mod:`.loss_kendall` computes, in one pass each instead of several
 ``[Nq, Nc]`` tensor passes:
 
-* :func:`sort_keys` + NumPy's sort — ``torch.sort(R, dim=1, descending=True, stable=True).indices`` of a float32
-  relevance matrix: the unique uint64 keys ``monotone(-R) << 32 | column`` sorted by NumPy (a SIMD sort on x86,
-  faster here than a radix sort), so any sort is the stable one;
+* :func:`compact_keys` + NumPy's sort + :func:`finish_compact_sort` — ``torch.sort(R, dim=1, descending=True,
+  stable=True).indices`` of a float32 relevance matrix: per row the uint32 keys ``truncated monotone(-R) << k |
+  column`` (``k`` = the bits of a column; the label part is shifted to the row's range) sorted by NumPy (a SIMD
+  sorting network for rows of up to 512 keys on x86-64), then an insertion pass by the full labels that orders the
+  few labels sharing a truncated key (a row needing more than ``2 Nc`` moves is sorted on unique uint64 keys);
 * :func:`window_starts` — ``start[q, a]`` = first sorted position ``b > a`` with ``R_a - R_b > g`` (``Nc`` if none),
   by two pointers (``start`` is non-decreasing in ``a``), with the spec's exact test in the labels' dtype;
-* :func:`label_windows` — the window starts from freshly sorted keys, or from a given order (checked);
+* :func:`label_windows` — the window starts of a sorted order, which it checks;
 * :func:`hardest_pairs` / :func:`hardest_pairs_backward` — per sorted anchor the hardest pair of its window
   ``[start_a, min(start_a + w, Nc))`` by a van Herk / Gil-Werman sliding maximum of the similarities in sorted
   order, the term ``phi(max_b S_b - S_a)`` and its gradient routed to the anchor and partner columns.
@@ -24,10 +26,11 @@ Time O(Nq * Nc log Nc) for the sort (a few ns per label), O(Nq * Nc) for the res
 O(Nq * Nc). Ties of the maximum pick the first (lowest sorted position) partner, a valid subgradient.
 
 Threads. Rows are independent: the wrappers returned by :func:`get_kernels` take a trailing ``threads`` count and
-split the rows into that many contiguous chunks, run concurrently on a persistent thread pool (the kernels release
-the GIL; the calling thread takes the first chunk). Each row is computed by the same code whatever the chunking,
-so the results are bit-identical for every thread count. The pool belongs to the process that made it (a forked
-DataLoader worker makes its own, if it ever asks for more than one thread).
+split the rows into that many contiguous chunks, run concurrently on the OpenMP team of torch's own ops
+(:mod:`.openmp_team`), or, where that does not apply, on a persistent thread pool of this module (the kernels
+release the GIL; the calling thread takes the first chunk). Each row is computed by the same code whatever the
+chunking, so the results are bit-identical for every thread count. The pool belongs to the process that made it (a
+forked DataLoader worker makes its own, if it ever asks for more than one thread).
 
 Numba is an install dependency of ``bcls``, but this module is optional at run time (:mod:`.loss_kendall` imports it
 on first use of the loss): :func:`get_kernels` returns ``None`` when Numba cannot be imported (e.g. a model loaded
@@ -44,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Callable, List, Optional, Tuple
 
+from .openmp_team import openmp_team
+
 
 try:  # (a try block: transformers' remote-code import check does not require what is imported here)
     import numba
@@ -56,28 +61,84 @@ if numba is not None:
     _jit = numba.njit(cache=True, nogil=True)
 
     @_jit
-    def sort_keys(bits, keys):
-        """keys[q, c] = ``key << 32 | c`` (uint64) for the float32 bit patterns ``bits`` [Nq, Nc] (int32 view of
-        finite labels), with a 32-bit key whose ascending order is the labels' descending order (-0.0 and +0.0 get
-        the same key): the keys are unique, so any sort of them is the stable descending sort of the labels."""
-        num_queries, num_candidates = bits.shape
-        for q in range(num_queries):
-            for c in range(num_candidates):
-                b = bits[q, c]
-                if b == -2147483648:  # -0.0 compares equal to +0.0
-                    b = 0
-                if b < 0:  # negative floats: flip the magnitude bits so that int32 order == float order
-                    b = b ^ 0x7FFFFFFF
-                key = np.uint32(~b) ^ np.uint32(0x80000000)  # ascending unsigned key == descending label
-                keys[q, c] = (np.uint64(key) << np.uint64(32)) | np.uint64(c)
+    def descending_key(pattern):
+        """The uint32 whose ascending order is the descending order of the float32 with bit pattern ``pattern``
+        (an int32; finite), -0.0 and +0.0 alike; branch-free."""
+        pattern = pattern if pattern != -2147483648 else 0  # -0.0 compares equal to +0.0
+        pattern = pattern ^ ((pattern >> 31) & 0x7FFFFFFF)  # negative floats: int32 order == float order
+        return np.uint32(~pattern) ^ np.uint32(0x80000000)
 
     @_jit
-    def key_columns(keys, order):
-        """order[q, i] = the column of the sorted key keys[q, i] (its low 32 bits); ``order`` may alias ``keys``."""
-        num_queries, num_candidates = keys.shape
+    def compact_keys(bits, keys, column_bits):
+        """keys[q, c] = ``(descending_key(R[q, c]) - min_q) >> shift_q << column_bits | c`` (uint32) for the float32
+        bit patterns ``bits`` [Nq, Nc], ``shift_q`` the smallest that fits the row's key range in the ``32 -
+        column_bits`` high bits. Ascending order of these keys is the stable descending order of the labels up to
+        labels that share a truncated key, which :func:`finish_compact_sort` puts in order."""
+        num_queries, num_candidates = bits.shape
+        limit = np.uint32((1 << (32 - column_bits)) - 1)
         for q in range(num_queries):
+            row = keys[q]
+            low = np.uint32(0xFFFFFFFF)
+            high = np.uint32(0)
+            for c in range(num_candidates):
+                key = descending_key(bits[q, c])
+                row[c] = key
+                low = min(low, key)
+                high = max(high, key)
+            span = np.uint32(high - low)
+            shift = np.uint32(0)
+            while (span >> shift) > limit:
+                shift += np.uint32(1)
+            for c in range(num_candidates):
+                row[c] = (np.uint32(row[c] - low) >> shift << np.uint32(column_bits)) | np.uint32(c)
+
+    @_jit
+    def finish_compact_sort(bits, keys, column_bits, order, budget):
+        """order[q] = the stable descending order of the labels of row ``q`` from its ascending :func:`compact_keys`
+        ``keys[q]``: their columns, then, only where neighbours share a truncated key (the truncation is monotone, so
+        nothing else can be out of order), an insertion sort of that run by (full key, column). A row needing more
+        than ``budget`` moves (labels crowded within a few units in the last place) is sorted on unique 64-bit keys
+        instead."""
+        num_queries, num_candidates = bits.shape
+        column_mask = np.uint32((1 << column_bits) - 1)
+        row_keys = np.empty(num_candidates, np.uint32)
+        full = np.empty(num_candidates, np.uint32)
+        for q in range(num_queries):
+            row_order = order[q]
             for i in range(num_candidates):
-                order[q, i] = np.int64(keys[q, i] & np.uint64(0xFFFFFFFF))
+                row_keys[i] = keys[q, i]
+            shared = False
+            for i in range(1, num_candidates):
+                shared |= (row_keys[i] ^ row_keys[i - 1]) <= column_mask
+            for i in range(num_candidates):
+                row_order[i] = np.int64(row_keys[i] & column_mask)
+            if not shared:
+                continue
+            moves = 0
+            first = 0
+            while first < num_candidates and moves <= budget:  # runs of one truncated key
+                end = first + 1
+                while end < num_candidates and (row_keys[end] ^ row_keys[first]) <= column_mask:
+                    end += 1
+                if end - first > 1:
+                    for i in range(first, end):
+                        full[i] = descending_key(bits[q, row_order[i]])
+                    for i in range(first + 1, end):
+                        key, column = full[i], row_order[i]
+                        j = i
+                        while j > first and (full[j - 1] > key or (full[j - 1] == key and row_order[j - 1] > column)):
+                            full[j], row_order[j] = full[j - 1], row_order[j - 1]
+                            j -= 1
+                        moves += i - j
+                        full[j], row_order[j] = key, column
+                first = end
+            if moves > budget:  # unique (key, column) pairs: any sort of them is the stable one
+                wide = np.empty(num_candidates, np.uint64)
+                for c in range(num_candidates):
+                    wide[c] = (np.uint64(descending_key(bits[q, c])) << np.uint64(32)) | np.uint64(c)
+                wide.sort()
+                for i in range(num_candidates):
+                    row_order[i] = np.int64(wide[i] & np.uint64(0xFFFFFFFF))
 
     @_jit
     def window_start_step(row, out, a, p, gap):
@@ -125,14 +186,11 @@ if numba is not None:
             q += 1
 
     @_jit
-    def label_windows(values, gap, sorted_keys, order, start, status):
+    def label_windows(values, gap, order, start, status):
         """Window starts of every row (rows are gathered in sorted order into a small block buffer that stays in
-        cache, then their starts are merged four at a time).
-
-        ``sorted_keys``: ``order`` holds each row's sorted :func:`sort_keys` and is overwritten with their columns;
-        otherwise ``order`` is a given order, checked to hold columns in ``[0, Nc)`` (``status = [3, row,
-        position]`` on the first failure) that sort each row descending (``status = [2, row, position]``); ``status``
-        is ``[0, 0, 0]`` when every row passes."""
+        cache, then their starts are merged four at a time), for an ``order`` checked on the way to hold columns in
+        ``[0, Nc)`` (``status = [3, row, position]`` on the first failure) that sort each row descending (``status
+        = [2, row, position]``); ``status`` is ``[0, 0, 0]`` when every row passes."""
         num_queries, num_candidates = values.shape
         block = 4
         sorted_block = np.empty((block, num_candidates), values.dtype)
@@ -142,21 +200,15 @@ if numba is not None:
             for r in range(rows):
                 q = first + r
                 sorted_values = sorted_block[r]
-                if sorted_keys:
-                    for b in range(num_candidates):
-                        column = np.int64(order[q, b] & 0xFFFFFFFF)
-                        order[q, b] = column
-                        sorted_values[b] = values[q, column]
-                else:
-                    for b in range(num_candidates):
-                        column = order[q, b]
-                        if column < 0 or column >= num_candidates:
-                            status[0], status[1], status[2] = 3, q, b
-                            return
-                        sorted_values[b] = values[q, column]
-                        if b > 0 and sorted_values[b] > sorted_values[b - 1]:
-                            status[0], status[1], status[2] = 2, q, b - 1
-                            return
+                for b in range(num_candidates):
+                    column = order[q, b]
+                    if column < 0 or column >= num_candidates:
+                        status[0], status[1], status[2] = 3, q, b
+                        return
+                    sorted_values[b] = values[q, column]
+                    if b > 0 and sorted_values[b] > sorted_values[b - 1]:
+                        status[0], status[1], status[2] = 2, q, b - 1
+                        return
             window_starts(sorted_block[:rows], gap, start[first : first + rows])
 
     @_jit
@@ -509,34 +561,48 @@ def row_chunks(num_rows: int, threads: int, multiple: int = 1) -> List[Tuple[int
 
 
 def over_rows(call: Callable[[int, int], object], num_rows: int, threads: int, multiple: int = 1) -> list:
-    """``[call(first, end) for each row chunk]``, the chunks run concurrently on ``threads`` threads (the calling one
-    takes the first chunk). The kernels release the GIL and rows are independent, so the results are those of
-    one call over all rows, bit for bit."""
+    """``[call(first, end) for each row chunk]``, the chunks run concurrently on ``threads`` threads: the OpenMP team
+    of torch's ops where :func:`.openmp_team.openmp_team` finds it (its idle workers spin for milliseconds after each
+    torch op; a thread of our own would share a core with one), else this module's pool (the calling thread takes the
+    first chunk). The kernels release the GIL and rows are independent, so the results are those of one call over
+    all rows, bit for bit."""
     chunks = row_chunks(num_rows, threads, multiple)
     if len(chunks) == 1:
         return [call(*chunks[0])]
+    team = openmp_team()
+    if team is not None:
+        return team.map(call, chunks)
     futures = [_executor(len(chunks) - 1).submit(call, *chunk) for chunk in chunks[1:]]
     first = call(*chunks[0])
     return [first] + [future.result() for future in futures]
 
 
-def _sorted_keys(bits, order) -> None:
-    """order (int64 [Nq, Nc]) = the sorted :func:`sort_keys` of ``bits``, in place: NumPy's sort (SIMD on x86,
-    GIL released) of the unique keys."""
-    keys = order.view(np.uint64)
-    sort_keys(bits, keys)
-    keys.sort(axis=1)
+def _sorted_order(bits, order) -> None:
+    """order (int64 [Nq, Nc]) = each row's stable descending order of the float32 labels with bit patterns ``bits``,
+    in blocks of rows that stay in cache: :func:`compact_keys`, NumPy's sort of them (GIL released; on x86-64 a SIMD
+    sorting network for rows of up to 512 uint32 keys, several times faster than on uint64 keys), then
+    :func:`finish_compact_sort`."""
+    num_queries, num_candidates = order.shape
+    column_bits = max(1, (num_candidates - 1).bit_length())
+    block = max(1, min(num_queries, _SORT_BLOCK_ELEMENTS // max(num_candidates, 1)))
+    keys = np.empty((block, num_candidates), np.uint32)
+    budget = _INSERTION_BUDGET * num_candidates
+    for first in range(0, num_queries, block):
+        end = min(first + block, num_queries)
+        block_keys = keys[: end - first]
+        compact_keys(bits[first:end], block_keys, column_bits)
+        block_keys.sort(axis=1)
+        finish_compact_sort(bits[first:end], block_keys, column_bits, order[first:end], budget)
+
+
+_SORT_BLOCK_ELEMENTS = 1 << 16  # keys sorted together: a block that stays in cache
+_INSERTION_BUDGET = 2  # moves per label of the compact sort's insertion pass before a row is sorted on wide keys
 
 
 def _sort_rows_descending(bits, order, threads: int = 1) -> None:
     """order[q] = ``torch.sort(R[q], descending=True, stable=True).indices`` for the float32 bit patterns ``bits``
     [Nq, Nc] (int32 view of finite labels ``R``)."""
-
-    def chunk(i, j):
-        _sorted_keys(bits[i:j], order[i:j])
-        key_columns(order[i:j].view(np.uint64), order[i:j])
-
-    over_rows(chunk, order.shape[0], threads)
+    over_rows(lambda i, j: _sorted_order(bits[i:j], order[i:j]), order.shape[0], threads)
 
 
 def _window_starts(sorted_rel, gap, start, threads: int = 1) -> None:
@@ -557,8 +623,8 @@ def _label_windows(bits, values, gap, given_order, order, start, status, threads
         for first in range(i, j, block):
             end = min(first + block, j)
             if not given_order:
-                _sorted_keys(bits[first:end], order[first:end])
-            label_windows(values[first:end], gap, not given_order, order[first:end], start[first:end], chunk_status)
+                _sorted_order(bits[first:end], order[first:end])
+            label_windows(values[first:end], gap, order[first:end], start[first:end], chunk_status)
             if chunk_status[0]:
                 chunk_status[1] += first
                 break

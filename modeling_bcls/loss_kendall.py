@@ -26,9 +26,9 @@ each sorted row. Similarity side with hard mining: the similarities in sorted or
 backward: O(Nq Nc log w) time and O(Nq Nc) memory, never an ``[Nq, Nc, Nc]`` tensor.
 
 Two implementations compute exactly this. On CPU tensors with Numba available, the compiled kernels of
-:mod:`.kendall_kernels` (sort of packed keys; with hard mining and float32 similarities one fused pass per row for the
+:mod:`.kendall_kernels` (sort of compact uint32 keys; with hard mining and float32 similarities one fused pass per row for the
 order check, window starts and hardest pairs, else a label pass and a hardest-pair pass; a scatter for the gradient),
-their rows split over ``torch.get_num_threads()`` threads (one inside DataLoader workers).
+their rows split over ``torch.get_num_threads()`` threads of torch's own OpenMP team (one inside DataLoader workers).
 Otherwise (GPU tensors, no Numba, ``BCLS_DISABLE_NUMBA=1``) torch operations: ``torch.sort`` (or NumPy's SIMD sort of
 packed int64 keys for large CPU inputs), ``torch.searchsorted`` checked by the exact test, ``gather``, elementwise
 maxima and ``scatter_add``. Without hard mining all O(Nq Nc w) pairs (O(Nq Nc^2) when unbounded) are evaluated in
@@ -262,7 +262,7 @@ def _label_windows(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sort order, window starts) of every row: everything of the loss that depends on the labels only.
 
-    CPU with the compiled kernels: per block of rows, the packed keys sorted (or the given order checked: columns
+    CPU with the compiled kernels: per block of rows, the compact keys sorted (or the given order checked: columns
     in range, rows descending), then the two-pointer starts; int32 starts, rows split over :func:`_kernel_threads`.
     Elsewhere :func:`_sorted_relevance` + :func:`_window_start`."""
     kernels = _cpu_kernels(relevance)
