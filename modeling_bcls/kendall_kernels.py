@@ -398,10 +398,10 @@ if numba is not None:
             out[b] = source[row, np.uint64(columns[b])]  # (unsigned: no wraparound test)
 
     @_jit
-    def fused_hardest_pairs(rel, sim, order, gap, width, hinge, temperature, need_grad, terms, partner, slope, counts,
+    def fused_hardest_pairs(rel, sim, order, gap, width, hinge, temperature, need_grad, row_sums, pattern, counts,
                             status):
-        """The whole hard-mined loss of every row in one pass per row, bit for bit what :func:`label_windows` (given
-        order) followed by :func:`hardest_pairs_f32` compute, without their ``[Nq, Nc]`` window starts.
+        """The whole hard-mined loss of every row in one pass per row: the terms of :func:`label_windows` (given
+        order) followed by :func:`hardest_pairs_f32`, without their ``[Nq, Nc]`` window starts, terms or partners.
 
         Per group of 8 rows: the given ``order`` checked (columns in ``[0, Nc)``, labels descending; on the first
         failing row ``status = [1, row, 0]`` and nothing else is promised), the labels and float32 similarities
@@ -409,10 +409,14 @@ if numba is not None:
         per row the packed keys ``monotone(S) << 32 | ~position`` and a sliding maximum of width ``w`` by doubling
         (``floor(log2 w)`` vectorised elementwise maxima, the window ``[s, s + w)`` being ``max(M[s], M[s + w - p])``
         with ``p`` the largest power of two <= w; unbounded windows: a suffix maximum), then per anchor with a
-        non-empty window (a prefix of the row: ``start`` is non-decreasing) the term, partner and slope as in
-        :func:`hardest_pairs_f32`. ``counts[q]`` = the number of anchors of row ``q`` with a non-empty window.
-        ``rel`` and ``sim`` may be strided views: a transposed one (the t2i direction) is read in blocks of 8 columns,
-        no transposing copy of the matrix."""
+        non-empty window (a prefix of the row: ``start`` is non-decreasing) its term ``phi(d)`` (float32, as
+        :func:`store_pair`), added in float64 to ``row_sums[q]``. ``counts[q]`` = the number of anchors of row ``q``
+        with a non-empty window.
+
+        ``need_grad``: ``pattern[q]`` = d row_sums[q] / d sim[q] (``+phi'(d)`` at the partner's column and
+        ``-phi'(d)`` at the anchor's, summed; ``pattern * g`` rounds once where scattering ``+-phi'(d) g`` rounds per
+        term); ``pattern`` is row-major. ``rel`` and ``sim`` may be strided views: a
+        transposed one (the t2i direction) is read in blocks of 8 columns, no transposing copy of the matrix."""
         num_queries, num_candidates = sim.shape
         n = num_candidates
         group = 8
@@ -434,6 +438,7 @@ if numba is not None:
         sim_by_columns = num_queries > 1 and sim.strides[0] < sim.strides[1]
         rel_block = np.empty((group, n if rel_by_columns else 0), rel.dtype)
         sim_block = np.empty((group, n if sim_by_columns else 0), sim.dtype)
+        pattern_block = np.zeros((group, n if need_grad else 0), np.float32)
         for first in range(0, num_queries, group):
             rows = min(group, num_queries - first)
             if rel_by_columns:
@@ -472,14 +477,15 @@ if numba is not None:
                 q = first + r
                 row_values = values[r]
                 row_start = start[r]
+                row_order = order[q]
                 for j in range(n, length):  # the pads past Nc: key 0, below every real key
                     keys[j] = 0
                 for b in range(n):
                     plus_zero[b] = row_values[b] + np.float32(0.0)  # -0.0 -> +0.0
                 for b in range(n):
-                    pattern = bits[b]
-                    pattern = pattern ^ ((pattern >> 31) & 0x7FFFFFFF)  # int32 order == float order
-                    mono = np.uint64(np.uint32(pattern) ^ np.uint32(0x80000000))
+                    pattern_bits = bits[b]
+                    pattern_bits = pattern_bits ^ ((pattern_bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+                    mono = np.uint64(np.uint32(pattern_bits) ^ np.uint32(0x80000000))
                     keys[b] = (mono << np.uint64(32)) | (np.uint64(~b) & low_mask)
                 window_max = keys
                 span = 1
@@ -503,6 +509,8 @@ if numba is not None:
                     count += 1
                 counts[q] = count
                 tail_max = window_max[tail:]
+                grad_row = pattern_block[r]
+                total = 0.0
                 for a in range(count):
                     s = np.uint64(row_start[a])
                     key = window_max[s]
@@ -510,11 +518,23 @@ if numba is not None:
                         key = max(key, tail_max[s])
                     at = np.int64(~key & low_mask)
                     d = row_values[at] - row_values[a]
-                    store_pair(q, a, d, order[q, at], hinge, temperature, need_grad, terms, partner, slope)
-                for a in range(count, n):
-                    terms[q, a] = 0
-                    if need_grad:
-                        partner[q, a] = -1
+                    if hinge:
+                        total += max(d, np.float32(0))
+                        if need_grad and d > 0:
+                            grad_row[row_order[at]] += np.float32(1)
+                            grad_row[row_order[a]] -= np.float32(1)
+                    else:
+                        x = d / temperature  # the term and slope rounded to float32, as store_pair stores them
+                        total += np.float32(temperature * (max(x, 0) + np.log1p(np.exp(-abs(x)))))
+                        if need_grad:
+                            slope = np.float32(1 / (1 + np.exp(-d / temperature)))
+                            grad_row[row_order[at]] += slope
+                            grad_row[row_order[a]] -= slope
+                row_sums[q] = total
+            if need_grad:
+                for r in range(rows):
+                    pattern[first + r, :] = pattern_block[r]
+                pattern_block[:] = 0
 
     @_jit
     def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
@@ -647,7 +667,7 @@ def _hardest_pairs(sim, order, start, width, hinge, temperature, need_grad, term
 
 
 def _fused_hardest_pairs(
-    rel, sim, order, gap, width, hinge, temperature, need_grad, terms, partner, slope, counts, status, threads: int = 1
+    rel, sim, order, gap, width, hinge, temperature, need_grad, row_sums, pattern, counts, status, threads: int = 1
 ) -> None:
     """:func:`fused_hardest_pairs` over row chunks (multiples of its 8-row groups); ``status`` reports the first
     failing row of all of them."""
@@ -655,8 +675,8 @@ def _fused_hardest_pairs(
     def chunk(i, j):
         chunk_status = np.zeros(3, status.dtype)
         fused_hardest_pairs(
-            rel[i:j], sim[i:j], order[i:j], gap, width, hinge, temperature, need_grad, terms[i:j],
-            partner[i:j] if need_grad else partner, slope[i:j] if slope.shape[0] else slope, counts[i:j], chunk_status,
+            rel[i:j], sim[i:j], order[i:j], gap, width, hinge, temperature, need_grad, row_sums[i:j],
+            pattern[i:j] if need_grad else pattern, counts[i:j], chunk_status,
         )
         if chunk_status[0]:
             chunk_status[1] += i

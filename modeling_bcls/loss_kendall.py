@@ -418,48 +418,58 @@ class _HardestPairLoss(torch.autograd.Function):
 
 
 class _FusedHardestPairLoss(torch.autograd.Function):
-    """:class:`_HardestPairLoss` with the label side folded in (CPU kernels, float32 similarities): one compiled pass
-    per row checks the given order, finds the window starts and the hardest pairs (:func:`.kendall_kernels.
-    fused_hardest_pairs`); returns the ``[Nq, Nc]`` terms and the number of non-empty windows. Bit for bit what
-    :func:`_label_windows` followed by :class:`_HardestPairLoss` return, without their ``[Nq, Nc]`` window starts."""
+    """The sum of the hard-mined terms and their count (CPU kernels, float32 similarities): one compiled pass per row
+    checks the given order, finds the window starts and the hardest pairs and adds up the row's terms
+    (:func:`.kendall_kernels.fused_hardest_pairs`); no ``[Nq, Nc]`` window starts, terms or partners. The terms
+    are those of :func:`_label_windows` followed by :class:`_HardestPairLoss`, bit for bit; their sum is taken in
+    float64 per row (so it may differ from ``terms.sum()`` in the last float32 bit).
+
+    Forward also writes the row-major gradient pattern ``d sum / d sim`` (``+-phi'(d)`` added up at the partner and
+    anchor columns); backward scales it in place (no ``[Nq, Nc]`` allocation, no scatter), which rounds once where the
+    scattered gradient rounds once per term. A second backward (``retain_graph``) recomputes the pattern."""
 
     @staticmethod
     def forward(ctx, sim, relevance, order, sort_order, label_gap, width, surrogate, temperature):
-        kernels = ctx.kernels = _cpu_kernels(sim, relevance, order)
         need_grad = ctx.needs_input_grad[0]
-        num_queries, num_candidates = sim.shape
-        terms = torch.empty((num_queries, num_candidates), dtype=sim.dtype)
-        hinge = ctx.hinge = surrogate == "hinge"
-        partner = torch.empty(sim.shape if need_grad else (0, 0), dtype=torch.int32)
-        slope = torch.empty(sim.shape if need_grad and not hinge else (0, 0), dtype=sim.dtype)
-        counts = torch.empty(num_queries, dtype=torch.long)
-        status = torch.zeros(3, dtype=torch.long)
-        rel = relevance.numpy()  # (strided views are read as they are: the t2i direction needs no transposing copy)
-        gap = relevance.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
-        kernels.fused_hardest_pairs(
-            rel, sim.detach().numpy(), order.numpy(), rel.dtype.type(gap), int(width), hinge, float(temperature),
-            need_grad, terms.numpy(), partner.numpy(), slope.numpy(), counts.numpy(), status.numpy(),
-            _kernel_threads(terms),
-        )
-        if int(status[0]):  # a bad given order: the unfused label pass names the row and position
-            _label_windows(relevance, sort_order, label_gap)
-            raise AssertionError("the fused Kendall kernel rejected an order that the label pass accepts")
+        total, count, pattern = _fused_pass(sim, relevance, order, sort_order, label_gap, width, surrogate,
+                                            temperature, need_grad)
         if need_grad:
-            ctx.save_for_backward(order, partner, slope)
-        count = counts.sum()
+            ctx.save_for_backward(sim, relevance, order)
+            ctx.pattern = pattern
+            ctx.arguments = (sort_order, label_gap, width, surrogate, temperature)
         ctx.mark_non_differentiable(count)
-        return terms, count
+        return total, count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, grad_count):
-        order, partner, slope = ctx.saved_tensors
-        grad_sim = torch.zeros(partner.shape, dtype=grad_output.dtype)
-        ctx.kernels.hardest_pairs_backward(  # grad_output is often an expanded scalar (stride 0): read as it is
-            grad_output.numpy(), order.numpy(), partner.numpy(), ctx.hinge, slope.numpy(), grad_sim.numpy(),
-            _kernel_threads(grad_sim),
-        )
-        return grad_sim, None, None, None, None, None, None, None
+    def backward(ctx, grad_total, grad_count):
+        pattern, ctx.pattern = ctx.pattern, None
+        if pattern is None:  # a second backward through a retained graph: the first one scaled the pattern in place
+            pattern = _fused_pass(*ctx.saved_tensors, *ctx.arguments, need_grad=True)[2]
+        return pattern.mul_(grad_total), None, None, None, None, None, None, None
+
+
+def _fused_pass(sim, relevance, order, sort_order, label_gap, width, surrogate, temperature, need_grad):
+    """(sum of the terms as a 0-d tensor of ``sim``'s dtype, their count, the gradient pattern or None) by
+    :func:`.kendall_kernels.fused_hardest_pairs`."""
+    kernels = _cpu_kernels(sim, relevance, order)
+    num_queries, num_candidates = sim.shape
+    # row-major, as the binary losses' gradients of the direction: the two add up without strided passes
+    pattern = torch.empty(sim.shape if need_grad else (0, 0), dtype=sim.dtype)
+    row_sums = torch.empty(num_queries, dtype=torch.float64)
+    counts = torch.empty(num_queries, dtype=torch.long)
+    status = torch.zeros(3, dtype=torch.long)
+    rel = relevance.numpy()  # (strided views are read as they are: the t2i direction needs no transposing copy)
+    gap = relevance.new_tensor(label_gap).item()  # the gap rounded to the labels' dtype, as in a tensor comparison
+    kernels.fused_hardest_pairs(
+        rel, sim.detach().numpy(), order.numpy(), rel.dtype.type(gap), int(width), surrogate == "hinge",
+        float(temperature), need_grad, row_sums.numpy(), pattern.numpy(), counts.numpy(), status.numpy(),
+        _kernel_threads(sim),
+    )
+    if int(status[0]):  # a bad given order: the unfused label pass names the row and position
+        _label_windows(relevance, sort_order, label_gap)
+        raise AssertionError("the fused Kendall kernel rejected an order that the label pass accepts")
+    return row_sums.sum().to(sim.dtype), counts.sum(), pattern if need_grad else None
 
 
 def _fused_hard_mining(sim, relevance, sort_order, label_gap, width, surrogate, temperature):
@@ -471,10 +481,8 @@ def _fused_hard_mining(sim, relevance, sort_order, label_gap, width, surrogate, 
         order = _sort_descending(relevance)[1]
     else:
         order = _check_sort_order(sort_order, relevance, check_range=False)  # the kernel checks the range
-    terms, count = _FusedHardestPairLoss.apply(
-        sim, relevance, order.contiguous(), sort_order, label_gap, width, surrogate, temperature
-    )
-    return terms.sum(), count
+    return _FusedHardestPairLoss.apply(sim, relevance, order.contiguous(), sort_order, label_gap, width, surrogate,
+                                       temperature)
 
 
 def _blocks(num_queries: int, num_candidates: int, width: int):
