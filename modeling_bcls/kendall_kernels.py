@@ -72,16 +72,21 @@ if numba is not None:
     def compact_keys(bits, keys, column_bits):
         """keys[q, c] = ``(descending_key(R[q, c]) - min_q) >> shift_q << column_bits | c`` (uint32) for the float32
         bit patterns ``bits`` [Nq, Nc], ``shift_q`` the smallest that fits the row's key range in the ``32 -
-        column_bits`` high bits. Ascending order of these keys is the stable descending order of the labels up to
-        labels that share a truncated key, which :func:`finish_compact_sort` puts in order."""
+        column_bits`` high bits below their all-ones value, so that every key is below the ``0xFFFFFFFF`` that pads
+        ``keys`` rows longer than ``Nc``. Ascending order of these keys is the stable descending order of the labels
+        up to labels that share a truncated key, which :func:`finish_compact_sort` puts in order. (Unsigned loops:
+        see :func:`gather_sorted`.)"""
         num_queries, num_candidates = bits.shape
-        limit = np.uint32((1 << (32 - column_bits)) - 1)
+        limit = np.uint32((1 << (32 - column_bits)) - 2)
+        n = np.uint64(num_candidates)
+        padded = np.uint64(keys.shape[1])
         for q in range(num_queries):
             row = keys[q]
+            row_bits = bits[q]
             low = np.uint32(0xFFFFFFFF)
             high = np.uint32(0)
-            for c in range(num_candidates):
-                key = descending_key(bits[q, c])
+            for c in range(n):
+                key = descending_key(row_bits[c])
                 row[c] = key
                 low = min(low, key)
                 high = max(high, key)
@@ -89,8 +94,51 @@ if numba is not None:
             shift = np.uint32(0)
             while (span >> shift) > limit:
                 shift += np.uint32(1)
-            for c in range(num_candidates):
+            for c in range(n):
                 row[c] = (np.uint32(row[c] - low) >> shift << np.uint32(column_bits)) | np.uint32(c)
+            for c in range(n, padded):
+                row[c] = np.uint32(0xFFFFFFFF)
+
+    @_jit
+    def merge_pair(source, target, low, middle, high):
+        """target[low:high] = the merge of the ascending runs source[low:middle] and source[middle:high] (branch-free
+        selection)."""
+        i, j, k = low, middle, low
+        one = np.uint64(1)
+        while i < middle and j < high:
+            first, second = source[i], source[j]
+            take_first = np.uint64(first < second)
+            target[k] = first if first < second else second
+            i += take_first
+            j += one - take_first
+            k += one
+        while i < middle:
+            target[k] = source[i]
+            i += one
+            k += one
+        while j < high:
+            target[k] = source[j]
+            j += one
+            k += one
+
+    @_jit
+    def merge_runs(keys, run):
+        """Each row of ``keys`` [Nq, L] sorted ascending from its ascending runs of ``run`` keys, by pairwise merges."""
+        num_queries, length = keys.shape
+        n = np.uint64(length)
+        scratch = np.empty(length, keys.dtype)
+        for q in range(num_queries):
+            source, target = keys[q], scratch
+            width = np.uint64(run)
+            in_scratch = False
+            while width < n:
+                for low in range(np.uint64(0), n, np.uint64(2) * width):
+                    merge_pair(source, target, low, min(low + width, n), min(low + np.uint64(2) * width, n))
+                source, target = target, source
+                width *= np.uint64(2)
+                in_scratch = not in_scratch
+            if in_scratch:
+                keys[q, :] = scratch
 
     @_jit
     def finish_compact_sort(bits, keys, column_bits, order, budget):
@@ -393,9 +441,58 @@ if numba is not None:
 
     @_jit
     def gather_sorted(source, row, columns, out):
-        """out[b] = source[row, columns[b]] (columns already checked to lie in range)."""
-        for b in range(columns.shape[0]):
-            out[b] = source[row, np.uint64(columns[b])]  # (unsigned: no wraparound test)
+        """out[b] = source[row, columns[b]] (columns already checked to lie in range).
+
+        Here and in the helpers below, loops and indices are unsigned: a signed index costs Numba a wraparound
+        test per access, which also keeps LLVM from vectorising the loop (4x slower elementwise maxima)."""
+        for b in range(np.uint64(columns.shape[0])):
+            out[b] = source[row, np.uint64(columns[b])]
+
+    @_jit
+    def any_outside(columns, n):
+        """Whether a column index lies outside ``[0, n)``."""
+        outside = False
+        for b in range(np.uint64(columns.shape[0])):
+            column = columns[b]
+            outside |= (column < 0) | (column >= n)
+        return outside
+
+    @_jit
+    def any_increasing(values):
+        """Whether ``values[b + 1] > values[b]`` anywhere (a row that is not descending)."""
+        increasing = False
+        one = np.uint64(1)
+        for b in range(np.uint64(max(values.shape[0] - 1, 0))):
+            increasing |= values[b + one] > values[b]
+        return increasing
+
+    @_jit
+    def position_keys(values, plus_zero, keys):
+        """keys[b] = ``monotone(values[b]) << 32 | ~b`` (uint64; -0.0 as +0.0): the largest key is the largest value
+        at its lowest position. ``plus_zero`` is scratch of the length of ``values``."""
+        bits = plus_zero.view(np.int32)
+        low_mask = np.uint64(0xFFFFFFFF)
+        n = np.uint64(values.shape[0])
+        for b in range(n):
+            plus_zero[b] = values[b] + np.float32(0.0)  # -0.0 -> +0.0
+        for b in range(n):
+            pattern_bits = bits[b]
+            pattern_bits = pattern_bits ^ ((pattern_bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+            mono = np.uint64(np.uint32(pattern_bits) ^ np.uint32(0x80000000))
+            keys[b] = (mono << np.uint64(32)) | (~b & low_mask)
+
+    @_jit
+    def move_row(source, target):
+        """target[:] = source; source[:] = 0."""
+        for j in range(np.uint64(source.shape[0])):
+            target[j] = source[j]
+            source[j] = 0
+
+    @_jit
+    def elementwise_max(first, second, out):
+        """out[j] = max(first[j], second[j]) (vectorised)."""
+        for j in range(np.uint64(out.shape[0])):
+            out[j] = max(first[j], second[j])
 
     @_jit
     def fused_hardest_pairs(rel, sim, order, gap, width, hinge, temperature, need_grad, row_sums, pattern, counts,
@@ -430,7 +527,6 @@ if numba is not None:
         keys = np.empty(length, np.uint64)
         other = np.empty(length, np.uint64)
         plus_zero = np.empty(n, np.float32)
-        bits = plus_zero.view(np.int32)
         low_mask = np.uint64(0xFFFFFFFF)
         status[0] = 0
         # a transposed view (the t2i direction) is read column by column into a block of rows: contiguous reads
@@ -447,11 +543,7 @@ if numba is not None:
                 block_rows(sim, first, rows, sim_block)
             for r in range(rows):
                 q = first + r
-                outside = False
-                for b in range(n):
-                    column = order[q, b]
-                    outside |= (column < 0) | (column >= n)
-                if outside:
+                if any_outside(order[q], n):
                     status[0], status[1], status[2] = 1, q, 0
                     return
                 row_rel = sorted_rel[r]
@@ -464,12 +556,7 @@ if numba is not None:
                     gather_sorted(sim_block, r, order[q], row_values)
                 else:
                     gather_sorted(sim, q, order[q], row_values)
-                increasing = False
-                previous = row_rel[: n - 1]
-                following = row_rel[1:n]
-                for b in range(n - 1):
-                    increasing |= following[b] > previous[b]
-                if increasing:
+                if any_increasing(row_rel[:n]):
                     status[0], status[1], status[2] = 1, q, 0
                     return
             lockstep_window_starts(sorted_rel, n, gap, start, rows)
@@ -478,15 +565,8 @@ if numba is not None:
                 row_values = values[r]
                 row_start = start[r]
                 row_order = order[q]
-                for j in range(n, length):  # the pads past Nc: key 0, below every real key
-                    keys[j] = 0
-                for b in range(n):
-                    plus_zero[b] = row_values[b] + np.float32(0.0)  # -0.0 -> +0.0
-                for b in range(n):
-                    pattern_bits = bits[b]
-                    pattern_bits = pattern_bits ^ ((pattern_bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
-                    mono = np.uint64(np.uint32(pattern_bits) ^ np.uint32(0x80000000))
-                    keys[b] = (mono << np.uint64(32)) | (np.uint64(~b) & low_mask)
+                keys[n:] = 0  # the pads past Nc: key 0, below every real key
+                position_keys(row_values, plus_zero, keys)
                 window_max = keys
                 span = 1
                 if bounded:
@@ -494,9 +574,7 @@ if numba is not None:
                     source, target = keys, other
                     while 2 * span <= width:  # target[j] = max over [j, j + 2 span)
                         valid -= span
-                        shifted = source[span:]  # (a slice: contiguous loads, vectorised)
-                        for j in range(valid):
-                            target[j] = max(source[j], shifted[j])
+                        elementwise_max(source[:valid], source[span : span + valid], target[:valid])
                         source, target = target, source
                         span *= 2
                     window_max = source
@@ -511,30 +589,27 @@ if numba is not None:
                 tail_max = window_max[tail:]
                 grad_row = pattern_block[r]
                 total = 0.0
-                for a in range(count):
+                for a in range(np.uint64(count)):
                     s = np.uint64(row_start[a])
                     key = window_max[s]
                     if bounded:
                         key = max(key, tail_max[s])
-                    at = np.int64(~key & low_mask)
+                    at = ~key & low_mask
                     d = row_values[at] - row_values[a]
                     if hinge:
                         total += max(d, np.float32(0))
-                        if need_grad and d > 0:
-                            grad_row[row_order[at]] += np.float32(1)
-                            grad_row[row_order[a]] -= np.float32(1)
+                        slope = np.float32(d > 0)  # (branch-free: d > 0 is a coin flip for the branch predictor)
                     else:
                         x = d / temperature  # the term and slope rounded to float32, as store_pair stores them
                         total += np.float32(temperature * (max(x, 0) + np.log1p(np.exp(-abs(x)))))
-                        if need_grad:
-                            slope = np.float32(1 / (1 + np.exp(-d / temperature)))
-                            grad_row[row_order[at]] += slope
-                            grad_row[row_order[a]] -= slope
+                        slope = np.float32(1 / (1 + np.exp(-d / temperature)))
+                    if need_grad:
+                        grad_row[np.uint64(row_order[at])] += slope
+                        grad_row[np.uint64(row_order[a])] -= slope
                 row_sums[q] = total
             if need_grad:
                 for r in range(rows):
-                    pattern[first + r, :] = pattern_block[r]
-                pattern_block[:] = 0
+                    move_row(pattern_block[r], pattern[first + r])
 
     @_jit
     def hardest_pairs_backward(grad_terms, order, partner, hinge, slope, grad_sim):
@@ -600,21 +675,29 @@ def over_rows(call: Callable[[int, int], object], num_rows: int, threads: int, m
 def _sorted_order(bits, order) -> None:
     """order (int64 [Nq, Nc]) = each row's stable descending order of the float32 labels with bit patterns ``bits``,
     in blocks of rows that stay in cache: :func:`compact_keys`, NumPy's sort of them (GIL released; on x86-64 a SIMD
-    sorting network for rows of up to 512 uint32 keys, several times faster than on uint64 keys), then
-    :func:`finish_compact_sort`."""
+    sorting network for runs of up to 512 uint32 keys, several times faster than on uint64 keys; longer rows are
+    sorted in runs of 512, padded with all-ones keys, then merged by :func:`merge_runs`: a third faster than NumPy's
+    sort of the whole row at Nc = 2048), then :func:`finish_compact_sort`."""
     num_queries, num_candidates = order.shape
     column_bits = max(1, (num_candidates - 1).bit_length())
-    block = max(1, min(num_queries, _SORT_BLOCK_ELEMENTS // max(num_candidates, 1)))
-    keys = np.empty((block, num_candidates), np.uint32)
+    run = _SORT_RUN
+    padded = num_candidates if num_candidates <= run else -(-num_candidates // run) * run
+    block = max(1, min(num_queries, _SORT_BLOCK_ELEMENTS // max(padded, 1)))
+    keys = np.empty((block, padded), np.uint32)
     budget = _INSERTION_BUDGET * num_candidates
     for first in range(0, num_queries, block):
         end = min(first + block, num_queries)
         block_keys = keys[: end - first]
         compact_keys(bits[first:end], block_keys, column_bits)
-        block_keys.sort(axis=1)
+        if padded > run:
+            block_keys.reshape(-1, run).sort(axis=1)
+            merge_runs(block_keys, run)
+        else:
+            block_keys.sort(axis=1)
         finish_compact_sort(bits[first:end], block_keys, column_bits, order[first:end], budget)
 
 
+_SORT_RUN = 512  # keys NumPy sorts at once: its sorting network's size for uint32 (AVX-512)
 _SORT_BLOCK_ELEMENTS = 1 << 16  # keys sorted together: a block that stays in cache
 _INSERTION_BUDGET = 2  # moves per label of the compact sort's insertion pass before a row is sorted on wide keys
 

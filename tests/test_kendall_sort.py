@@ -1,6 +1,6 @@
-"""The compiled label sort (compact uint32 keys + NumPy's sort + an insertion pass by the full labels) returns
-exactly ``torch.sort(R, dim=1, descending=True, stable=True).indices``, also where labels share a truncated key
-(the insertion pass) and where they crowd so much that a row is sorted again on wide keys (the fallback)."""
+"""The compiled label sort (compact uint32 keys + NumPy's sort in runs + merges + an insertion pass by the full labels)
+returns exactly ``torch.sort(R, dim=1, descending=True, stable=True).indices``, also where labels share a truncated
+key (the insertion pass) and where they crowd so much that a row is sorted again on wide keys (the fallback)."""
 
 import numpy as np
 import pytest
@@ -37,7 +37,7 @@ def _rows(num_candidates: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([row[:n] for row in rows])
 
 
-@pytest.mark.parametrize("num_candidates", [1, 2, 7, 512, 513, 1500])
+@pytest.mark.parametrize("num_candidates", [1, 2, 7, 512, 513, 1000, 1500, 2048])
 def test_compact_sort_equals_torch_sort(num_candidates):
     relevance = _rows(num_candidates)
     assert torch.equal(relevance_sort_order(relevance), _reference(relevance))
@@ -64,8 +64,9 @@ def test_sort_blocks_and_threads_equal_one_pass(monkeypatch):
     relevance = torch.cat([_rows(300, seed=s) for s in range(7)])
     expected = _reference(relevance)
     kernels = kendall_kernels.get_kernels()
-    for block, threads in ((1, 1), (300 * 5, 3), (1 << 16, 4)):
+    for block, threads, run in ((1, 1, 512), (300 * 5, 3, 512), (1 << 16, 4, 512), (1 << 16, 2, 8), (7, 1, 16)):
         monkeypatch.setattr(kendall_kernels, "_SORT_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(kendall_kernels, "_SORT_RUN", run)  # runs of 8 and 16: merges over 6 levels, uneven
         order = np.empty(relevance.shape, np.int64)
         kernels.sort_rows_descending(relevance.view(torch.int32).numpy(), order, threads)
-        assert np.array_equal(order, expected.numpy()), (block, threads)
+        assert np.array_equal(order, expected.numpy()), (block, threads, run)
