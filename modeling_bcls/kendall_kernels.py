@@ -143,43 +143,44 @@ if numba is not None:
     @_jit
     def finish_compact_sort(bits, keys, column_bits, order, budget):
         """order[q] = the stable descending order of the labels of row ``q`` from its ascending :func:`compact_keys`
-        ``keys[q]``: their columns, then, only where neighbours share a truncated key (the truncation is monotone, so
-        nothing else can be out of order), an insertion sort of that run by (full key, column). A row needing more
-        than ``budget`` moves (labels crowded within a few units in the last place) is sorted on unique 64-bit keys
-        instead."""
+        ``keys[q]``: their columns, then an insertion sort by (full key, column) of each key that shares its
+        truncated key with its predecessor (the truncation is monotone, so nothing else can be out of order; the
+        check per key is one comparison). A row needing more than ``budget`` moves (labels crowded within a few units
+        in the last place) is sorted on unique 64-bit keys instead."""
         num_queries, num_candidates = bits.shape
         column_mask = np.uint32((1 << column_bits) - 1)
-        row_keys = np.empty(num_candidates, np.uint32)
-        full = np.empty(num_candidates, np.uint32)
+        n = np.uint64(num_candidates)
+        one = np.uint64(1)
         for q in range(num_queries):
             row_order = order[q]
-            for i in range(num_candidates):
-                row_keys[i] = keys[q, i]
+            row_keys = keys[q]
+            row_bits = bits[q]
             shared = False
-            for i in range(1, num_candidates):
-                shared |= (row_keys[i] ^ row_keys[i - 1]) <= column_mask
-            for i in range(num_candidates):
-                row_order[i] = np.int64(row_keys[i] & column_mask)
+            for i in range(n):
+                row_order[i] = row_keys[i] & column_mask
+            for i in range(one, n):  # (vectorised: most rows share no truncated key)
+                shared |= (row_keys[i] ^ row_keys[i - one]) <= column_mask
             if not shared:
                 continue
             moves = 0
-            first = 0
-            while first < num_candidates and moves <= budget:  # runs of one truncated key
-                end = first + 1
-                while end < num_candidates and (row_keys[end] ^ row_keys[first]) <= column_mask:
-                    end += 1
-                if end - first > 1:
-                    for i in range(first, end):
-                        full[i] = descending_key(bits[q, row_order[i]])
-                    for i in range(first + 1, end):
-                        key, column = full[i], row_order[i]
-                        j = i
-                        while j > first and (full[j - 1] > key or (full[j - 1] == key and row_order[j - 1] > column)):
-                            full[j], row_order[j] = full[j - 1], row_order[j - 1]
-                            j -= 1
-                        moves += i - j
-                        full[j], row_order[j] = key, column
-                first = end
+            for i in range(one, n):
+                if (row_keys[i] ^ row_keys[i - one]) > column_mask:
+                    continue  # a new truncated key: in order
+                # the run of row_keys[i]'s truncated key ends at i; its members before i are in order already
+                column = row_order[i]
+                key = descending_key(row_bits[column])
+                j = np.int64(i)
+                while j > 0 and (row_keys[j - 1] ^ row_keys[i]) <= column_mask:
+                    previous = row_order[j - 1]
+                    previous_key = descending_key(row_bits[previous])
+                    if previous_key < key or (previous_key == key and previous < column):
+                        break
+                    row_order[j] = previous
+                    j -= 1
+                row_order[j] = column
+                moves += np.int64(i) - j
+                if moves > budget:
+                    break
             if moves > budget:  # unique (key, column) pairs: any sort of them is the stable one
                 wide = np.empty(num_candidates, np.uint64)
                 for c in range(num_candidates):
