@@ -349,7 +349,6 @@ if numba is not None:
         length = num_candidates + width - 1 if bounded else num_candidates
         values = np.empty(num_candidates, np.float32)
         plus_zero = np.empty(num_candidates, np.float32)
-        bits = plus_zero.view(np.int32)
         keys = np.zeros(length, np.uint64)  # the pads past Nc keep key 0, below every real key
         suffix = np.empty(num_candidates, np.uint64)
         prefix = np.empty(length, np.uint64)
@@ -357,14 +356,8 @@ if numba is not None:
         block = width if bounded else num_candidates
         for q in range(num_queries):
             for b in range(num_candidates):
-                v = sim[q, order[q, b]]
-                values[b] = v
-                plus_zero[b] = v + np.float32(0.0)  # -0.0 -> +0.0
-            for b in range(num_candidates):
-                pattern = bits[b]
-                pattern = pattern ^ ((pattern >> 31) & 0x7FFFFFFF)  # int32 order == float order
-                mono = np.uint64(np.uint32(pattern) ^ np.uint32(0x80000000))
-                keys[b] = (mono << np.uint64(32)) | (np.uint64(~b) & low_mask)
+                values[b] = sim[q, order[q, b]]
+            position_keys(values, plus_zero, keys)
             for first in range(0, num_candidates, block):
                 last = min(first + block, num_candidates) - 1
                 best = keys[last]

@@ -27,7 +27,8 @@ backward: O(Nq Nc log w) time and O(Nq Nc) memory, never an ``[Nq, Nc, Nc]`` ten
 
 Two implementations compute exactly this. On CPU tensors with Numba available, the compiled kernels of
 :mod:`.kendall_kernels` (sort of compact uint32 keys; with hard mining and float32 similarities one fused pass per row for the
-order check, window starts and hardest pairs, else a label pass and a hardest-pair pass; a scatter for the gradient),
+order check, window starts, hardest pairs, row sums and gradient pattern, else a label pass and a hardest-pair pass and
+a scatter for the gradient),
 their rows split over ``torch.get_num_threads()`` threads of torch's own OpenMP team (one inside DataLoader workers).
 Otherwise (GPU tensors, no Numba, ``BCLS_DISABLE_NUMBA=1``) torch operations: ``torch.sort`` (or NumPy's SIMD sort of
 packed int64 keys for large CPU inputs), ``torch.searchsorted`` checked by the exact test, ``gather``, elementwise
@@ -453,7 +454,7 @@ def _fused_pass(sim, relevance, order, sort_order, label_gap, width, surrogate, 
     """(sum of the terms as a 0-d tensor of ``sim``'s dtype, their count, the gradient pattern or None) by
     :func:`.kendall_kernels.fused_hardest_pairs`."""
     kernels = _cpu_kernels(sim, relevance, order)
-    num_queries, num_candidates = sim.shape
+    num_queries = sim.shape[0]
     # row-major, as the binary losses' gradients of the direction: the two add up without strided passes
     pattern = torch.empty(sim.shape if need_grad else (0, 0), dtype=sim.dtype)
     row_sums = torch.empty(num_queries, dtype=torch.float64)
