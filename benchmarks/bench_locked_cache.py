@@ -51,7 +51,7 @@ from trainer_bcls import (  # noqa: E402
     load_pairs,
     make_synthetic_dataset,
 )
-from trainer_bcls.tiny_towers import build_word_tokenizer, tiny_bert_config, tiny_resnet_config  # noqa: E402
+from trainer_bcls.towers.tiny_towers import build_word_tokenizer, tiny_bert_config, tiny_resnet_config  # noqa: E402
 
 VISION_CONFIGS = {
     "resnet18": lambda: ResNetConfig(

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_bcls import BCLSConfig, loss_kendall  # noqa: E402
-from modeling_bcls.loss_kendall import kendall_ranking_loss  # noqa: E402
+from modeling_bcls.losses.loss_kendall import kendall_ranking_loss  # noqa: E402
 from modeling_bcls.losses import bcls_loss, relevance_sort_order  # noqa: E402
 
 

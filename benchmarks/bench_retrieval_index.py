@@ -52,8 +52,8 @@ def reembed_folder_per_query(retrieval_model, folder: Path, query: str, top_k: i
     import torch
     from PIL import Image
 
-    from trainer_bcls.evaluation import encode_images, encode_texts
-    from trainer_bcls.image_sources import IMAGE_SUFFIXES
+    from trainer_bcls.evaluation.split_evaluation import encode_images, encode_texts
+    from trainer_bcls.retrieval.image_sources import IMAGE_SUFFIXES
 
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
@@ -89,8 +89,8 @@ def memory_probe(kind: str, images: str, model: str, batch_size: str, threads: s
 
     import torch
 
-    from trainer_bcls.image_sources import FolderSource
-    from trainer_bcls.retrieval_index import RetrievalModel, build_index, faiss_available
+    from trainer_bcls.retrieval.image_sources import FolderSource
+    from trainer_bcls.retrieval.index import RetrievalModel, build_index, faiss_available
 
     torch.set_num_threads(int(threads))
     retrieval_model = RetrievalModel.from_pretrained(model, device="cpu")
@@ -146,15 +146,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _run(args: argparse.Namespace, threadpool_limits) -> list[dict]:
     import torch
 
-    from trainer_bcls.image_sources import FolderSource
-    from trainer_bcls.retrieval_index import (
+    from trainer_bcls.retrieval.image_sources import FolderSource
+    from trainer_bcls.retrieval.index import (
         RetrievalIndex,
         RetrievalModel,
         build_index,
         embed_text_queries,
         faiss_available,
     )
-    from trainer_bcls.tiny_towers import build_tiny_model_and_processor
+    from trainer_bcls.towers.tiny_towers import build_tiny_model_and_processor
 
     rows: list[dict] = []
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:

@@ -29,8 +29,8 @@ def one_step(batch_size: int, chunk: int | None) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from modeling_bcls import BCLSConfig, BCLSModel
-    from trainer_bcls.global_loss import global_bcls_loss
-    from trainer_bcls.gradcache import cached_embeddings
+    from trainer_bcls.training.global_loss import global_bcls_loss
+    from trainer_bcls.training.gradcache import cached_embeddings
 
     torch.manual_seed(0)
     config = BCLSConfig.from_vision_text_configs(

@@ -68,7 +68,7 @@ from trainer_bcls import (  # noqa: E402
     load_pairs,
     make_synthetic_dataset,
 )
-from trainer_bcls.tiny_towers import tiny_bert_config, tiny_vit_config  # noqa: E402
+from trainer_bcls.towers.tiny_towers import tiny_bert_config, tiny_vit_config  # noqa: E402
 
 BASELINE = "Trainer + VisionTextDualEncoder (CLIP loss)"
 BCLS_KENDALL = "BCLSTrainer, BCLS loss (Triplet-SN + Kendall, TF-IDF relevance)"
@@ -223,13 +223,13 @@ def profile_bcls(args, pairs, processor, vision_config, text_config, relevance, 
         ("  processor (decode, resize, tokenize)", "processing_utils.py", "__call__"),
         ("  relevance labels (batch_matrix)", "relevance.py", "batch_matrix"),
         ("  relevance sort orders", "collator.py", "relevance_sort_order"),
-        ("compute_loss (forward + loss)", "trainer_bcls/trainer.py", "compute_loss"),
-        ("  loss (bcls_loss)", "losses.py", "bcls_loss"),
+        ("compute_loss (forward + loss)", "trainer_bcls/training/trainer.py", "compute_loss"),
+        ("  loss (bcls_loss)", "loss_bcls.py", "bcls_loss"),
         ("    Kendall SW-HS", "loss_kendall.py", "_kendall_parts"),
         ("backward", "torch/autograd/__init__.py", "backward"),
         ("gradient clipping", "transformers/trainer.py", "_clip_grad_norm"),
         ("optimizer step", "accelerate/optimizer.py", "step"),
-        ("logging", "trainer_bcls/trainer.py", "log"),
+        ("logging", "trainer_bcls/training/trainer.py", "log"),
     ]
     lines = ["| part of the BCLS step | s/step | share |", "|---|---|---|"]
     totals = {}

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
 from trainer_bcls import build_relevance_labels, default_synthetic_dir, encode_split, load_pairs  # noqa: E402
-from trainer_bcls.evaluation import split_metrics  # noqa: E402
-from trainer_bcls.image_loading import to_rgb  # noqa: E402
-from trainer_bcls.inference_device import prepare_for_inference  # noqa: E402
-from trainer_bcls.metrics import judgment_correlation, load_judgments  # noqa: E402
+from trainer_bcls.evaluation.split_evaluation import split_metrics  # noqa: E402
+from trainer_bcls.data.image_loading import to_rgb  # noqa: E402
+from trainer_bcls.retrieval.inference_device import prepare_for_inference  # noqa: E402
+from trainer_bcls.evaluation.metrics import judgment_correlation, load_judgments  # noqa: E402
 
 logger = logging.getLogger("bcls.evaluate")
 

@@ -29,10 +29,10 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer_bcls.data_errors import InvalidDataError  # noqa: E402
-from trainer_bcls.evaluation import encode_texts  # noqa: E402
-from trainer_bcls.image_sources import FolderSource, open_image_source  # noqa: E402
-from trainer_bcls.retrieval_index import (  # noqa: E402
+from trainer_bcls.data.errors import InvalidDataError  # noqa: E402
+from trainer_bcls.evaluation.split_evaluation import encode_texts  # noqa: E402
+from trainer_bcls.retrieval.image_sources import FolderSource, open_image_source  # noqa: E402
+from trainer_bcls.retrieval.index import (  # noqa: E402
     RetrievalIndex,
     RetrievalModel,
     build_index,

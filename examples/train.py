@@ -41,7 +41,7 @@ from trainer_bcls import (  # noqa: E402
     freeze_towers,
     load_pairs,
 )
-from trainer_bcls.model_card import is_hub_repo_id  # noqa: E402
+from trainer_bcls.hub.model_card import is_hub_repo_id  # noqa: E402
 
 logger = logging.getLogger("bcls.train")
 

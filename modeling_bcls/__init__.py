@@ -4,9 +4,13 @@
 Importing this package registers the "bcls" model type with `AutoConfig`, `AutoModel`,
 `AutoModelForZeroShotImageClassification` (so `pipeline("zero-shot-image-classification", model=folder)` works) and
 `AutoProcessor`, and marks the classes for `register_for_auto_class`, so that `save_pretrained` writes an `auto_map`
-and copies the code files (`configuration_bcls.py`, `modeling_bcls.py`, `losses.py`, `loss_*.py`,
-`sentence_transformers_files.py`, `processing_bcls.py`) next to the weights: the saved folder then loads with
-`AutoModel.from_pretrained(folder, trust_remote_code=True)` without this package.
+and copies the code files (`configuration_bcls.py`, `modeling_bcls.py`, `sentence_transformers_files.py`,
+`processing_bcls.py` and the `losses/` folder, flattened: `losses.py` + `loss_*.py` + kernels) next to the weights:
+the saved folder then loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` without this package.
+
+Layout (transformers' model-folder convention): `configuration_bcls.py`, `modeling_bcls.py`, `processing_bcls.py`,
+`sentence_transformers_files.py`, and `losses/` (one loss per file, the Kendall kernels). Nothing here imports
+`trainer_bcls`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor

@@ -49,7 +49,7 @@ class BCLSConfig(PreTrainedConfig):
             `None` (default): the projections are bias-free linear maps, as in CLIP. An integer H: each projection is
             an MLP `Linear(hidden, H) -> GELU -> Linear(H, D)` (open_clip's `proj_type="mlp"`), an
             option for locked (frozen) towers; on Flickr8k with both towers locked the linear head was better (VSE++
-            val rsum 180.5 vs 168.2 with H = 1024, `benchmarks/RESULTS.md`), so linear stays the default.
+            val rsum 180.5 vs 168.2 with H = 1024, `benchmarks/studies/RESULTS.md`), so linear stays the default.
         text_pooling (`str`, *optional*, defaults to `"auto"`):
             How a caption becomes one vector before projection. `"pooler"`: the tower's `pooler_output` (CLIP text:
             the EOS token; BERT: tanh(W h_[CLS])). `"mean"`: mean of `last_hidden_state` over the attention mask,
@@ -94,8 +94,8 @@ class BCLSConfig(PreTrainedConfig):
         infonce_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the InfoNCE baseline.
 
-    The loss defaults were chosen on Flickr8k val with pretrained towers (`benchmarks/flickr8k_pretrained.py`, tables
-    in `benchmarks/RESULTS.md`) by one rule: the highest Kendall tau-b among the settings whose rsum is within 2 % of
+    The loss defaults were chosen on Flickr8k val with pretrained towers (`benchmarks/studies/flickr8k_pretrained.py`, tables
+    in `benchmarks/studies/RESULTS.md`) by one rule: the highest Kendall tau-b among the settings whose rsum is within 2 % of
     the best binary-only run (Triplet-SN with tau 0.1, which beat VSE++ and InfoNCE). That is Triplet-SN + 0.2 x
     Kendall with a label gap of 0.15 (pairs further apart in the label order): rsum 188.9 vs 191.6 (-1.4 %), tau-b
     0.303 vs 0.281 (3 seeds). Set `kendall_weight=0` for the binary term alone; a larger weight buys more tau-b for

@@ -9,15 +9,17 @@
 The losses see the raw cosines s_ij (their temperatures/margins live in `BCLSConfig`); `logit_scale` is a fixed
 config value, not a parameter, because no BCLS loss would ever train it (see `BCLSConfig.logit_scale`).
 
-This file is copied next to saved checkpoints (remote code). It may import only torch / transformers / stdlib and the
-flat sibling modules `configuration_bcls`, `losses` (+ `loss_*`), `sentence_transformers_files` through
-`from .x import y` relative imports.
+This file is copied next to saved checkpoints (remote code, see `remote_code_files`). It may import only torch /
+transformers / stdlib and, through `from .x import y` relative imports, the sibling modules `configuration_bcls`,
+`sentence_transformers_files` and the `losses` folder (saved flat: its `__init__.py` as `losses.py`).
 """
 
 import contextlib
 import inspect
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +246,41 @@ def _projection(in_features: int, out_features: int, hidden: int | None) -> nn.M
     return projection
 
 
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
+
+
+def remote_code_files(module_file: str) -> list[tuple[str, str]]:
+    r"""
+    The code files a saved model needs to load with `trust_remote_code=True`: `module_file` and, recursively, every
+    module it imports with `from .x import y`, as `(source path, file name in the saved folder)`.
+
+    The saved folder is flat (transformers' remote-code loader resolves `.x` to `x.py` beside the model file), so a
+    sub-package `x/` is saved as `x.py` (its `__init__.py`) with its modules beside it. Two files that would get one
+    name are an error.
+    """
+    files: dict[str, str] = {}
+    todo = [(os.path.abspath(module_file), os.path.basename(module_file))]
+    while todo:
+        source, saved_name = todo.pop()
+        if saved_name in files:
+            if files[saved_name] != source:
+                raise ValueError(f"remote code: {source} and {files[saved_name]} would both be saved as {saved_name}")
+            continue
+        files[saved_name] = source
+        folder = os.path.dirname(source)
+        with open(source, encoding="utf-8") as handle:
+            imported = _RELATIVE_IMPORT.findall(handle.read())
+        for name in imported:
+            module, package = os.path.join(folder, f"{name}.py"), os.path.join(folder, name, "__init__.py")
+            if os.path.isfile(module):
+                todo.append((module, f"{name}.py"))
+            elif os.path.isfile(package):
+                todo.append((package, f"{name}.py"))
+            else:
+                raise FileNotFoundError(f"remote code: `from .{name} import` in {source} names no file in {folder}")
+    return sorted(((source, name) for name, source in files.items()), key=lambda item: item[1])
+
+
 class BCLSPreTrainedModel(PreTrainedModel):
     config: BCLSConfig
     config_class = BCLSConfig
@@ -392,16 +429,31 @@ class BCLSModel(BCLSPreTrainedModel):
           `SentenceTransformer(folder)` embeds texts and images as `encode_text` / `encode_image`.
         """
         if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
             if self._auto_class is not None:
                 name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
                 auto_map = dict(getattr(self.config, "auto_map", None) or {})
-                for auto_class in ("AutoModel", "AutoModelForZeroShotImageClassification"):
+                for auto_class in (self._auto_class, "AutoModel", "AutoModelForZeroShotImageClassification"):
                     auto_map.setdefault(auto_class, name)
                 self.config.auto_map = auto_map
-            os.makedirs(save_directory, exist_ok=True)
+                # transformers' own copy (`custom_object_save`) follows flat sibling files only; the losses are a
+                # folder, so the code files are copied here, flattened.
+                for source, saved_name in remote_code_files(inspect.getfile(type(self))):
+                    shutil.copyfile(source, os.path.join(save_directory, saved_name))
             versions = {"transformers": transformers.__version__, "pytorch": torch.__version__}
             write_sentence_transformers_files(save_directory, versions)
-        super().save_pretrained(save_directory, *args, **kwargs)
+        # `PreTrainedModel.save_pretrained` would run its own flat-only copy while `is_remote_code()` (a classmethod
+        # reading `cls._auto_class`) is true: shadow the attribute on the class for the call, then restore it.
+        cls, had_own = type(self), "_auto_class" in type(self).__dict__
+        own = cls.__dict__.get("_auto_class")
+        cls._auto_class = None
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had_own:
+                cls._auto_class = own
+            else:
+                del cls._auto_class
 
     # ----------------------------------------------------------------------------------------------------------------
     # Pooling
@@ -560,7 +612,7 @@ class BCLSModel(BCLSPreTrainedModel):
         token_type_ids / position_ids (*optional*): passed to the text tower when given.
         vision_pooled_output (`torch.FloatTensor` of shape `(B, vision_embed_dim)`, *optional*): the pooled vision-tower
             output of the images, used instead of running the tower on `pixel_values` (the cached features of a
-            locked tower, `trainer_bcls.locked_image_cache`); the projection still runs.
+            locked tower, `trainer_bcls.training.locked_image_cache`); the projection still runs.
 
         Either modality alone may be given; then only its embeddings are returned. Similarities and loss are float32.
         """

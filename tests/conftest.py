@@ -123,7 +123,7 @@ def tiny_processor():
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """A small embedded synthetic dataset (Karpathy layout): 64 train, 24 val, 24 test images, 5 captions each."""
-    from trainer_bcls.synthetic import make_synthetic_dataset
+    from trainer_bcls.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(
         tmp_path_factory.mktemp("synthetic"), num_train_images=64, num_val_images=24, num_test_images=24,

@@ -1,4 +1,4 @@
-"""Smoke tests of the training benchmarks (`benchmarks/flickr8k.py`, `benchmarks/bench_train.py`) on tiny synthetic
+"""Smoke tests of the training benchmarks (`benchmarks/studies/flickr8k.py`, `benchmarks/bench_train.py`) on tiny synthetic
 data: each script runs end to end with a minuscule budget and writes what it promises."""
 
 import importlib.util
@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    folder = ROOT / "benchmarks" if name.startswith("bench_") else ROOT / "benchmarks" / "studies"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

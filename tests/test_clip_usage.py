@@ -27,7 +27,7 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 
 def _colour_images() -> tuple[list, list[str]]:
     """24 new scenes: one large shape of each colour x shape, random position and background (32 px)."""
-    from trainer_bcls.synthetic import BACKGROUNDS, POSITIONS, SHAPES, _draw
+    from trainer_bcls.data.synthetic import BACKGROUNDS, POSITIONS, SHAPES, _draw
 
     rng = random.Random(1)
     images, truth = [], []
@@ -42,7 +42,7 @@ def _colour_images() -> tuple[list, list[str]]:
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     """examples/train.py with the demo's tiny towers, briefly, on 400 synthetic scenes (32 px): a saved folder."""
-    from trainer_bcls.synthetic import make_synthetic_dataset
+    from trainer_bcls.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("demo")
     data = make_synthetic_dataset(root / "data", num_train_images=400, num_val_images=16, num_test_images=0,
@@ -206,7 +206,7 @@ def test_onnx_export_matches_pytorch(tmp_path, vision):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from trainer_bcls import build_tiny_model_and_processor
-    from trainer_bcls.export_onnx import main
+    from trainer_bcls.towers.export_onnx import main
 
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor(
@@ -245,7 +245,7 @@ def test_onnx_export_matches_pytorch(tmp_path, vision):
 def test_model_card_metadata_names_towers_datasets_license_and_eval_split(tmp_path, tiny_bcls_model):
     from huggingface_hub import ModelCard
 
-    from trainer_bcls.model_card import write_model_card
+    from trainer_bcls.hub.model_card import write_model_card
 
     model = tiny_bcls_model
     model.config.vision_config._name_or_path = "google/vit-base-patch16-224-in21k"
@@ -275,7 +275,7 @@ def test_model_card_metadata_names_towers_datasets_license_and_eval_split(tmp_pa
 def test_model_card_leaves_local_and_scratch_towers_out_of_base_model(tmp_path, demo_model, tiny_bcls_model):
     from huggingface_hub import ModelCard
 
-    from trainer_bcls.model_card import write_model_card
+    from trainer_bcls.hub.model_card import write_model_card
 
     tiny_bcls_model.config.vision_config._name_or_path = str(tmp_path)  # a local folder: not a Hub id
     write_model_card(tmp_path, tiny_bcls_model, log_history=[])

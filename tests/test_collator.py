@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer_bcls.augmentation import RandomResizedCropFlip
-from trainer_bcls.collator import BCLSDataCollator
-from trainer_bcls.data import InvalidDataError, load_pairs, without_image_decoding
-from trainer_bcls.image_loading import ImageLoadError
-from trainer_bcls.relevance import RelevanceLabels, TfidfRelevance
-from trainer_bcls.synthetic import make_synthetic_dataset
+from trainer_bcls.data.augmentation import RandomResizedCropFlip
+from trainer_bcls.training.collator import BCLSDataCollator
+from trainer_bcls.data.loaders import InvalidDataError, load_pairs, without_image_decoding
+from trainer_bcls.data.image_loading import ImageLoadError
+from trainer_bcls.labels.relevance import RelevanceLabels, TfidfRelevance
+from trainer_bcls.data.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_corrupt_image_in_batch(synth_root, tmp_path, pairs, labels, tiny_proces
     with pytest.raises(ImageLoadError, match=r"broken\.png \(batch row 1: image_id 1, caption_id 3, file train_00001\.png\)"):
         BCLSDataCollator(tiny_processor, labels)(rows)
     collator = BCLSDataCollator(tiny_processor, labels, skip_invalid=True)
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.collator"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.training.collator"):
         batch = collator(rows)
     assert collator.num_skipped == 1 and "1 skipped so far" in caplog.text
     assert batch["image_ids"].tolist() == [0, 2, 2] and batch["caption_ids"].tolist() == [0, 6, 7]

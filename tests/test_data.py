@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
-from trainer_bcls.data import (
+from trainer_bcls.data.loaders import (
     PAIR_FEATURES,
     ImageCaptionIndex,
     InvalidDataError,
@@ -22,7 +22,7 @@ from trainer_bcls.data import (
     validate_images,
     without_image_decoding,
 )
-from trainer_bcls.synthetic import default_synthetic_dir, make_synthetic_dataset
+from trainer_bcls.data.synthetic import default_synthetic_dir, make_synthetic_dataset
 
 
 SMALL = dict(num_train_images=12, num_val_images=4, num_test_images=4, captions_per_image=3, image_size=32)
@@ -299,7 +299,7 @@ def test_karpathy_bad_input(tmp_path, caplog, kind):
     write_karpathy(tmp_path, images, make_files=False)
     with pytest.raises(InvalidDataError, match=pattern):
         load_pairs(tmp_path, "train")
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data.loaders"):
         pairs = load_pairs(tmp_path, "train", skip_invalid=True)
     assert len(pairs) == left
     assert f"skipped 1 x {reason}" in caplog.text
@@ -314,7 +314,7 @@ def test_corrupt_image_found_later_by_validate_images(tmp_path, caplog):
     assert len(pairs) == 8
     with pytest.raises(InvalidDataError, match=r"row 4 \(image_id 2, im2\.png\)"):
         validate_images(pairs)
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data.loaders"):
         valid = validate_images(pairs, skip_invalid=True)
     assert "skipped 1 x unreadable image" in caplog.text
     assert column(valid, "filename") == ["im0.png", "im0.png", "im1.png", "im1.png", "im3.png", "im3.png"]
@@ -357,7 +357,7 @@ def test_imagefolder_duplicates_and_bad_rows(tmp_path, caplog):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(InvalidDataError, match=r"line 3 \(\./x\.png\): duplicate file_name .*also line 1"):
         load_pairs(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data.loaders"):
         pairs = load_pairs(tmp_path, skip_invalid=True)
     assert column(pairs, "caption") == ["first", "fine"] and "skipped 1 x duplicate image" in caplog.text
 
@@ -370,7 +370,7 @@ def test_hf_dataset_bad_captions_and_missing_files(tmp_path, caplog):
     )
     with pytest.raises(InvalidDataError, match=r"row 1: image file not found: .*gone\.png"):
         load_pairs(ds)
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.data.loaders"):
         pairs = load_pairs(ds, skip_invalid=True)
     assert column(pairs, "caption") == ["ok"]
     assert "skipped 1 x missing image file" in caplog.text and "skipped 1 x image with no caption" in caplog.text

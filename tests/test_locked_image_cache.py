@@ -21,8 +21,8 @@ from trainer_bcls import (
     load_pairs,
     unfreeze_tower,
 )
-from trainer_bcls.augmentation import RandomResizedCropFlip
-from trainer_bcls.locked_image_cache import LockedImageFeatureCache, image_digests
+from trainer_bcls.data.augmentation import RandomResizedCropFlip
+from trainer_bcls.training.locked_image_cache import LockedImageFeatureCache, image_digests
 from transformers import TrainerCallback
 
 
@@ -188,7 +188,7 @@ def test_augmentation_bypasses_the_cache(train_pairs, relevance, tmp_path, caplo
         model, processor, train_pairs, relevance, tmp_path, max_steps=3,
         collator_kwargs={"image_transform": RandomResizedCropFlip(scale=(0.8, 1.0))},
     )
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.training.trainer"):
         trainer.train()
     assert calls.count == 3 and len(trainer.locked_image_cache) == 0
     assert "cache is bypassed" in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_bcls import loss_kendall
+from modeling_bcls.losses import loss_kendall
 from modeling_bcls.losses import (
     bcls_loss,
     infonce_loss,
@@ -707,7 +707,7 @@ def test_kendall_without_numba_falls_back_to_torch(tmp_path):
         sys.meta_path.insert(0, Block())
         sys.path.insert(0, sys.argv[1])
         import torch
-        from modeling_bcls import loss_kendall
+        from modeling_bcls.losses import loss_kendall
         from modeling_bcls.losses import kendall_ranking_loss
         g = torch.Generator().manual_seed(0)
         sim, rel = torch.rand(30, 40, generator=g), torch.rand(30, 40, generator=g)

@@ -1,4 +1,4 @@
-"""Tests for trainer_bcls.metrics against brute-force references (full sorts, O(n^2) pair counts, scipy)."""
+"""Tests for trainer_bcls.evaluation.metrics against brute-force references (full sorts, O(n^2) pair counts, scipy)."""
 
 import ast
 import json
@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from trainer_bcls import metrics as M
+from trainer_bcls.evaluation import metrics as M
 
 
 METRICS_PATH = Path(M.__file__).resolve()

@@ -20,7 +20,6 @@ from transformers import (
     T5Config,
     ViTModel,
 )
-from transformers.dynamic_module_utils import get_relative_import_files
 
 import modeling_bcls
 import modeling_bcls.modeling_bcls as modeling_module
@@ -354,9 +353,12 @@ def test_gradient_checkpointing_reaches_both_towers_and_keeps_the_loss(tiny_bcls
 # Serialisation, Auto classes, remote code
 # ---------------------------------------------------------------------------------------------------------------------
 def _expected_code_files() -> set[str]:
-    modeling_file = modeling_module.__file__
-    needed = {os.path.basename(f) for f in get_relative_import_files(modeling_file)}
-    return needed | {"modeling_bcls.py", "configuration_bcls.py", "losses.py"}
+    """The flat remote-code files: the model, its config, the sentence-transformers writer and the `losses/` folder
+    (its `__init__.py` saved as `losses.py`, its modules beside it)."""
+    losses_dir = os.path.join(os.path.dirname(modeling_module.__file__), "losses")
+    loss_modules = {f for f in os.listdir(losses_dir) if f.endswith(".py") and f != "__init__.py"}
+    assert {"loss_bcls.py", "loss_kendall.py", "loss_triplet_sn.py", "kendall_kernels.py"} <= loss_modules
+    return loss_modules | {"modeling_bcls.py", "configuration_bcls.py", "losses.py", "sentence_transformers_files.py"}
 
 
 def test_save_load_round_trip_and_auto_classes(tmp_path, pair_model):

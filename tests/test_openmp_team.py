@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from modeling_bcls import kendall_kernels, openmp_team
+from modeling_bcls.losses import kendall_kernels, openmp_team
 from modeling_bcls.losses import bcls_loss, relevance_sort_order
 
 
@@ -74,7 +74,7 @@ def test_team_pool_and_one_thread_give_the_same_bits(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     single = _loss_and_grads(sim, mask, relevance)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    monkeypatch.setattr("modeling_bcls.loss_kendall._KERNEL_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr("modeling_bcls.losses.loss_kendall._KERNEL_ELEMENTS_PER_THREAD", 1)
     chunk_counts = []
     original = kendall_kernels.row_chunks
     monkeypatch.setattr(kendall_kernels, "row_chunks", lambda *a: chunk_counts.append(len(original(*a))) or original(*a))

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_bcls.data import InvalidDataError, load_pairs
-from trainer_bcls.relevance import (
+from trainer_bcls.data.loaders import InvalidDataError, load_pairs
+from trainer_bcls.labels.relevance import (
     PrecomputedRelevance,
     RelevanceLabels,
     SentenceEmbeddingRelevance,
     TfidfRelevance,
     build_relevance_labels,
 )
-from trainer_bcls.synthetic import make_synthetic_dataset
+from trainer_bcls.data.synthetic import make_synthetic_dataset
 
 
 def minilm_path() -> str:
@@ -158,7 +158,7 @@ def test_cache_second_run_encodes_nothing(pairs, tmp_path, caplog):
     subset = pairs.select(range(12))  # other captions → other key
     assert RelevanceLabels.build(subset, TfidfRelevance(), cache_dir=tmp_path).num_encoded == 12
     first.cache_path.write_bytes(b"garbage")  # a damaged cache is recomputed, with a warning
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.relevance"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.labels.relevance"):
         again = RelevanceLabels.build(pairs, TfidfRelevance(), cache_dir=tmp_path)
     assert again.num_encoded == 24 and "ignoring unreadable" in caplog.text
     assert RelevanceLabels.build(pairs, TfidfRelevance(), cache_dir=tmp_path).num_encoded == 0

@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 from datasets import Dataset, Features, Image, Value
 
-from trainer_bcls.data import InvalidDataError, load_hf_dataset, load_imagefolder, load_pairs
+from trainer_bcls.data.loaders import InvalidDataError, load_hf_dataset, load_imagefolder, load_pairs
 from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def gradient16() -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_wide_images_are_rescaled_from_their_mode_range_not_clipped(mode):
-    from trainer_bcls.image_loading import load_image, to_rgb
+    from trainer_bcls.data.image_loading import load_image, to_rgb
 
     values = gradient16()
     if mode == "I;16":
@@ -147,9 +147,9 @@ def test_wide_images_are_rescaled_from_their_mode_range_not_clipped(mode):
 
 
 def test_sixteen_bit_png_in_training_evaluation_and_retrieval(tmp_path, tiny_processor):
-    from trainer_bcls.collator import BCLSDataCollator
-    from trainer_bcls.evaluation import _to_rgb
-    from trainer_bcls.image_loading import load_image
+    from trainer_bcls.training.collator import BCLSDataCollator
+    from trainer_bcls.evaluation.split_evaluation import _to_rgb
+    from trainer_bcls.data.image_loading import load_image
 
     path = tmp_path / "deep.png"
     PIL.Image.fromarray(gradient16()).save(path)
@@ -158,7 +158,7 @@ def test_sixteen_bit_png_in_training_evaluation_and_retrieval(tmp_path, tiny_pro
     assert (np.asarray(load_image(str(path)))[..., 0] == expected).all()  # training (collator) path
     decoded = Image().decode_example({"path": str(path), "bytes": None})  # datasets' decoding, evaluation path
     assert (np.asarray(_to_rgb(decoded))[..., 0] == expected).all()
-    from trainer_bcls.image_sources import FolderSource  # retrieve.py's gallery loader
+    from trainer_bcls.retrieval.image_sources import FolderSource  # retrieve.py's gallery loader
 
     assert (np.asarray(FolderSource(tmp_path).load(0))[..., 0] == expected).all()
     batch = BCLSDataCollator(tiny_processor)([{"image": str(path), "caption": "a ramp", "image_id": 0, "caption_id": 0}])
@@ -267,7 +267,7 @@ def test_batches_without_negatives_are_counted_and_reported_once(synthetic_dir, 
     expected = sum(len(set(image_ids[k : k + 4])) == 1 for k in range(0, 40, 4))  # brute force: batches of one image
     assert expected == 4
     trainer = no_negative_trainer(synthetic_dir, tmp_path, pairs)
-    with caplog.at_level(logging.WARNING, logger="trainer_bcls.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trainer_bcls.training.trainer"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if "no negative" in r.getMessage()]
     assert warnings == [f"{expected} of 10 training batches had no negative (every pair of one image): their loss is "
@@ -298,7 +298,7 @@ def fake_checkpoint(folder: Path, complete: bool = True) -> Path:
 
 
 def test_resolve_checkpoint_latest_skips_and_names_half_written_ones(tmp_path, caplog):
-    from trainer_bcls.checkpoints import resolve_checkpoint
+    from trainer_bcls.training.checkpoints import resolve_checkpoint
 
     fake_checkpoint(tmp_path / "checkpoint-2")
     fake_checkpoint(tmp_path / "checkpoint-10")
@@ -306,7 +306,7 @@ def test_resolve_checkpoint_latest_skips_and_names_half_written_ones(tmp_path, c
     truncated = fake_checkpoint(tmp_path / "checkpoint-9")
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-4])
     for value in (True, "True", "true", "last", "LATEST"):
-        with caplog.at_level(logging.WARNING, logger="trainer_bcls.checkpoints"):
+        with caplog.at_level(logging.WARNING, logger="trainer_bcls.training.checkpoints"):
             caplog.clear()
             assert resolve_checkpoint(value, tmp_path) == str(tmp_path / "checkpoint-10")
         assert "checkpoint-12" in caplog.text and "half-written" in caplog.text
@@ -343,7 +343,7 @@ def test_trainer_resumes_from_last(synthetic_dir, tmp_path):
 def test_tiny_tokenizer_keeps_unicode_words(tmp_path):
     from transformers import AutoTokenizer
 
-    from trainer_bcls.tiny_towers import build_word_tokenizer
+    from trainer_bcls.towers.tiny_towers import build_word_tokenizer
 
     captions = ["Un café noir", "一只狗 在公园", "a happy 😀 dog", "Ünïcode naïve façade"]
     tokenizer = build_word_tokenizer(captions)

@@ -1,4 +1,4 @@
-"""Embed-once index and search (`trainer_bcls.retrieval_index`, `examples/retrieve.py index|search`), devices and bf16
+"""Embed-once index and search (`trainer_bcls.retrieval.index`, `examples/retrieve.py index|search`), devices and bf16
 for `retrieve.py` / `evaluate.py` (issue 12 items 3-4), and retrieve.py's bad-input cases (issue 13)."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import load_example
-from trainer_bcls.image_loading import load_image
-from trainer_bcls.image_sources import FolderSource, open_image_source
-from trainer_bcls.inference_device import prepare_for_inference, resolve_device
-from trainer_bcls.retrieval_index import (
+from trainer_bcls.data.image_loading import load_image
+from trainer_bcls.retrieval.image_sources import FolderSource, open_image_source
+from trainer_bcls.retrieval.inference_device import prepare_for_inference, resolve_device
+from trainer_bcls.retrieval.index import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     METADATA_FILE,
@@ -36,7 +36,7 @@ QUERIES = ["a red circle", "a small blue square on the left", "green"]
 
 
 def _save_tiny_model(folder: Path, seed: int) -> Path:
-    from trainer_bcls.tiny_towers import build_tiny_model_and_processor
+    from trainer_bcls.towers.tiny_towers import build_tiny_model_and_processor
 
     torch.manual_seed(seed)
     model, processor = build_tiny_model_and_processor(
@@ -216,7 +216,7 @@ def test_faiss_and_exact_search_agree(tmp_path):
 
 
 def test_index_without_faiss_drops_a_stale_faiss_file(tmp_path, monkeypatch):
-    import trainer_bcls.retrieval_index as retrieval_index
+    import trainer_bcls.retrieval.index as retrieval_index
 
     embeddings = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     index = RetrievalIndex(embeddings, list("abcde"), "m", "sha256:x", use_faiss=False)

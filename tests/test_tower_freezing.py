@@ -28,8 +28,8 @@ from trainer_bcls import (
     build_tiny_model_and_processor,
     load_pairs,
 )
-from trainer_bcls.tiny_towers import tiny_bert_config, tiny_resnet_config, tiny_vit_config
-from trainer_bcls.tower_freezing import (
+from trainer_bcls.towers.tiny_towers import tiny_bert_config, tiny_resnet_config, tiny_vit_config
+from trainer_bcls.training.tower_freezing import (
     freeze_tower,
     freeze_towers,
     is_kept_in_eval,
@@ -248,7 +248,7 @@ def test_train_script_freeze_flags(synthetic_dir, tmp_path):
 
 
 def test_tower_learning_rate_groups_and_a_zero_tower_rate_leaves_unlocked_layers_unchanged(splits, tmp_path):
-    from trainer_bcls.tower_learning_rate import is_tower_parameter
+    from trainer_bcls.training.tower_learning_rate import is_tower_parameter
 
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor(splits[0]["caption"], image_size=32, projection_dim=32)

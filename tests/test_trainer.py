@@ -174,7 +174,7 @@ def test_gradient_caching_equals_full_batch(splits, tmp_path):
 def test_gradient_caching_replays_dropout(splits, tmp_path):
     """Dropout on: the re-embedding pass replays each chunk's RNG state, so the gradients are those of the loss on
     the very embeddings the loss saw (reference: the same chunks embedded with a graph, in the same RNG order)."""
-    from trainer_bcls.global_loss import global_bcls_loss
+    from trainer_bcls.training.global_loss import global_bcls_loss
 
     train = splits[0]
     model, processor = _tiny_vit_model(train, dropout=0.2)
@@ -247,7 +247,7 @@ def test_trainer_needs_bcls_arguments(splits, tmp_path):
 
 
 def test_tiny_word_tokenizer_keeps_its_vocabulary():
-    from trainer_bcls.tiny_towers import build_word_tokenizer
+    from trainer_bcls.towers.tiny_towers import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(["A large red circle, on the left", "two small blue squares"])
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red square on the right")["input_ids"])

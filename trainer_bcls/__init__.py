@@ -1,7 +1,7 @@
 """Training side of BCLS: data, continuous relevance labels, collator, Trainer subclass and retrieval metrics."""
 
-from .collator import BCLSDataCollator
-from .data import (
+from .training.collator import BCLSDataCollator
+from .data.loaders import (
     ImageCaptionIndex,
     densify_ids,
     load_hf_dataset,
@@ -11,20 +11,20 @@ from .data import (
     validate_images,
     without_image_decoding,
 )
-from .evaluation import EncodedSplit, encode_split, evaluate_retrieval, split_metrics
-from .metrics import retrieval_metrics
-from .relevance import (
+from .evaluation.split_evaluation import EncodedSplit, encode_split, evaluate_retrieval, split_metrics
+from .evaluation.metrics import retrieval_metrics
+from .labels.relevance import (
     PrecomputedRelevance,
     RelevanceLabels,
     SentenceEmbeddingRelevance,
     TfidfRelevance,
     build_relevance_labels,
 )
-from .synthetic import default_synthetic_dir, make_synthetic_dataset
-from .tiny_towers import build_tiny_model_and_processor
-from .tower_freezing import freeze_tower, freeze_towers, layer_groups, unfreeze_tower
-from .trainer import BCLSTrainer
-from .training_args import BCLSTrainingArguments
+from .data.synthetic import default_synthetic_dir, make_synthetic_dataset
+from .towers.tiny_towers import build_tiny_model_and_processor
+from .training.tower_freezing import freeze_tower, freeze_towers, layer_groups, unfreeze_tower
+from .training.trainer import BCLSTrainer
+from .training.training_args import BCLSTrainingArguments
 
 __all__ = [
     "BCLSDataCollator",

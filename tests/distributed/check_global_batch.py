@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 
 from trainer_bcls import BCLSDataCollator, build_tiny_model_and_processor, load_pairs
-from trainer_bcls.global_loss import global_bcls_loss
-from trainer_bcls.gradcache import cached_embeddings
-from trainer_bcls.relevance import RelevanceLabels, TfidfRelevance
+from trainer_bcls.training.global_loss import global_bcls_loss
+from trainer_bcls.training.gradcache import cached_embeddings
+from trainer_bcls.labels.relevance import RelevanceLabels, TfidfRelevance
 
 
 def grads_of(model) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Train-time image augmentation with PIL only (no torchvision): random resized crop + optional horizontal flip.
 
-Off by default in :class:`~trainer_bcls.collator.BCLSDataCollator`. Careful with captions that describe
+Off by default in :class:`~trainer_bcls.training.collator.BCLSDataCollator`. Careful with captions that describe
 positions: a horizontal flip turns "a red circle on the left" into a wrong caption (the synthetic data says left/
 right everywhere, hence ``flip_prob=0.0`` by default), and a tight crop can cut out a shape a caption mentions.
 Randomness comes from torch's global RNG, which DataLoader seeds differently in every worker.

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import gather_no_grad, is_distributed, process_sizes
-from .fingerprint import weights_fingerprint
+from ..distributed import gather_no_grad, is_distributed, process_sizes
+from ..fingerprint import weights_fingerprint
 from .tower_freezing import is_tower_locked
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class LockedImageFeatureCache:
         if not is_tower_locked(model.vision_model):
             raise ValueError(
                 "The locked-image cache needs a locked vision tower (no trainable parameter, every module in eval "
-                "mode): use trainer_bcls.tower_freezing.freeze_tower(model.vision_model)."
+                "mode): use trainer_bcls.training.tower_freezing.freeze_tower(model.vision_model)."
             )
         device = pixel_values.device
         with autocast():

@@ -23,13 +23,13 @@ class BCLSTrainingArguments(TrainingArguments):
       chunk, so the memory of a step is that of one chunk while the loss sees the whole batch.
     - `gather_across_processes`: with several processes, local queries are scored against the candidates of
       *all* processes (gathered with gradients), so the loss is the loss of the global batch.
-    - `cache_locked_image_features`: with a locked vision tower (`trainer_bcls.tower_freezing.freeze_tower`),
-      embed each distinct training image once and reuse its pooled output (`trainer_bcls.locked_image_cache`);
+    - `cache_locked_image_features`: with a locked vision tower (`trainer_bcls.training.tower_freezing.freeze_tower`),
+      embed each distinct training image once and reuse its pooled output (`trainer_bcls.training.locked_image_cache`);
       bypassed when the collator augments images.
     - `eval_chunk_size`: query chunk of the chunked retrieval metrics (bounds evaluation memory).
     - `tower_learning_rate`: learning rate of the towers' trainable parameters (unlocked layers, or whole towers
       when fine-tuned); `None` uses `learning_rate` everywhere. The projections always use `learning_rate`
-      (`trainer_bcls.tower_learning_rate`).
+      (`trainer_bcls.training.tower_learning_rate`).
     """
 
     remove_unused_columns: bool = field(

@@ -37,7 +37,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def template_path() -> Path:
     """`model_card.md` at the repository root (editable install) or in `<prefix>/share/bcls` (wheel install)."""
     candidates = [
-        Path(__file__).resolve().parents[1] / "model_card.md",
+        Path(__file__).resolve().parents[2] / "model_card.md",
         Path(sys.prefix) / "share" / "bcls" / "model_card.md",
     ]
     for candidate in candidates:

@@ -3,9 +3,9 @@
 (Kendall tau-b, nDCG@k) and Kendall tau-c against human judgments (Flickr8k-Expert / CrowdFlower).
 
 This file is self-contained (numpy / torch / datasets / evaluate and the standard library only, no package or
-relative imports) so that it is both ``trainer_bcls.metrics`` and an ``evaluate`` module script::
+relative imports) so that it is both ``trainer_bcls.evaluation.metrics`` and an ``evaluate`` module script::
 
-    metric = evaluate.load("path/to/trainer_bcls/metrics.py")
+    metric = evaluate.load("path/to/trainer_bcls/evaluation/metrics.py")
 
 Conventions (used everywhere below):
 
@@ -638,7 +638,7 @@ Compute keyword arguments:
         tolerance (None disables the check).
 Returns: the retrieval_metrics dictionary (i2t_r1, ..., rsum, i2t_medr, ...).
 Example:
-    >>> metric = evaluate.load("trainer_bcls/metrics.py")
+    >>> metric = evaluate.load("trainer_bcls/evaluation/metrics.py")
     >>> metric.add_batch(image_embeds=out.image_embeds, text_embeds=out.text_embeds, image_ids=batch["image_ids"])
     >>> metric.compute()
 """

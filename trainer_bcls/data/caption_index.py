@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasets import Dataset
 
-from .data_errors import InvalidDataError
+from .errors import InvalidDataError
 
 PAIR_COLUMNS = ("image", "caption", "image_id", "caption_id")
 
@@ -33,7 +33,7 @@ def check_pair_view(pairs: Dataset) -> None:
     if missing:
         raise ValueError(
             f"not a BCLS pair view: missing column(s) {missing}; available columns: {pairs.column_names} "
-            "(load data with trainer_bcls.data.load_pairs)"
+            "(load data with trainer_bcls.data.loaders.load_pairs)"
         )
 
 
@@ -150,5 +150,5 @@ def _check_dense(ids: np.ndarray, name: str, allow_repeats: bool = False) -> Non
         missing = np.flatnonzero(present == 0)
         raise InvalidDataError(
             f"{name} must be dense (0..{len(present) - 1} all present); {len(missing)} missing, e.g. {missing[:5].tolist()}. "
-            "After filtering a pair view, renumber it with trainer_bcls.data.densify_ids(pairs)."
+            "After filtering a pair view, renumber it with trainer_bcls.data.loaders.densify_ids(pairs)."
         )

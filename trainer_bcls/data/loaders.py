@@ -37,7 +37,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy
-from .data_errors import InvalidDataError, SkipReport
+from .errors import InvalidDataError, SkipReport
 from .image_loading import describe_image, find_unreadable_images
 
 logger = logging.getLogger(__name__)

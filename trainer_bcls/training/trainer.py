@@ -7,8 +7,8 @@ What it adds to `Trainer`:
 - `evaluate()` runs full-gallery retrieval on the eval split (unique images embedded once, every caption) and
   returns `eval_rsum`, `eval_i2t_r1`, ... (plus relevance-aware metrics when relevance labels are given), so that
   `metric_for_best_model="rsum"`, `load_best_model_at_end` and early stopping work.
-- a locked vision tower (`trainer_bcls.tower_freezing.freeze_tower`) runs once per distinct image: its pooled
-  outputs are cached (`trainer_bcls.locked_image_cache`, `cache_locked_image_features=True`, the default) and
+- a locked vision tower (`trainer_bcls.training.tower_freezing.freeze_tower`) runs once per distinct image: its pooled
+  outputs are cached (`trainer_bcls.training.locked_image_cache`, `cache_locked_image_features=True`, the default) and
   passed to the model as `vision_pooled_output`; bypassed, with a warning, when the collator augments images.
 - `create_model_card` writes a `huggingface_hub.ModelCard` (base models, datasets, license, `model-index` with the
   eval split) rendered from the project's `model_card.md` Jinja template.
@@ -29,9 +29,9 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoints import resolve_checkpoint
-from .data import without_image_decoding
-from .distributed import is_distributed
-from .evaluation import evaluate_retrieval
+from ..data.loaders import without_image_decoding
+from ..distributed import is_distributed
+from ..evaluation.split_evaluation import evaluate_retrieval
 from .global_loss import global_bcls_loss
 from .gradcache import cached_embeddings
 from .locked_image_cache import LockedImageFeatureCache
@@ -85,7 +85,7 @@ class BCLSTrainer(Trainer):
         the count of batches that had none (every pair of one image: loss 0, nothing trained).
 
         `resume_from_checkpoint`: `True`, `"true"` or `"last"` resume from the newest complete checkpoint of
-        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.checkpoints.resolve_checkpoint`)."""
+        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.training.checkpoints.resolve_checkpoint`)."""
         args = self.args
         global_batch = args.world_size > 1 and args.gather_across_processes
         if args.per_device_train_batch_size == 1 and not global_batch:
@@ -111,7 +111,7 @@ class BCLSTrainer(Trainer):
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`Trainer.create_optimizer`, with `args.tower_learning_rate` (when set) for the towers' trainable
-        parameters and `args.learning_rate` for the rest (`trainer_bcls.tower_learning_rate`)."""
+        parameters and `args.learning_rate` for the rest (`trainer_bcls.training.tower_learning_rate`)."""
         if self.optimizer is not None or self.args.tower_learning_rate is None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
@@ -295,7 +295,7 @@ class BCLSTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        from .model_card import write_model_card
+        from ..hub.model_card import write_model_card
 
         given = {"model_name": model_name, "dataset": dataset, "eval_split": eval_split, "datasets": datasets,
                  "license": license}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import (
+from ..distributed import (
     gather_no_grad,
     gather_with_grad,
     global_count,

@@ -27,7 +27,7 @@ from pathlib import Path
 import PIL.Image
 import PIL.ImageDraw
 
-from .cache import bcls_cache_dir
+from ..cache import bcls_cache_dir
 
 logger = logging.getLogger(__name__)
 

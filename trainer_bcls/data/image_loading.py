@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from .data_errors import InvalidDataError
+from .errors import InvalidDataError
 
 # What PIL raises on unreadable, truncated or corrupt files.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)

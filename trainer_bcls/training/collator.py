@@ -11,14 +11,14 @@
     relevance_order_t2i  int64 [B, B]    relevance_sort_order(R.T)
     return_loss          True
 
-Relevance comes from :class:`~trainer_bcls.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
+Relevance comes from :class:`~trainer_bcls.labels.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
 small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes.
 Give the Trainer ``remove_unused_columns=False`` so that rows keep ``image``/``caption``/``image_id``/``caption_id``.
 
 Bad rows: a missing/corrupt image or an empty/non-string caption raises :class:`InvalidDataError` naming the file and
 row; with ``skip_invalid=True`` the row is dropped from the batch (counted in ``num_skipped``, per process, and
 logged) and the labels are built for the remaining rows only. For corrupt images to reach the collator, the image
-column must not be decoded by ``datasets`` first: pass ``trainer_bcls.data.without_image_decoding(pairs)``.
+column must not be decoded by ``datasets`` first: pass ``trainer_bcls.data.loaders.without_image_decoding(pairs)``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import PIL.Image
 import torch
 from modeling_bcls.losses import relevance_sort_order
 
-from .data_errors import InvalidDataError
-from .image_loading import ImageLoadError, load_image
-from .relevance import RelevanceLabels
+from ..data.errors import InvalidDataError
+from ..data.image_loading import ImageLoadError, load_image
+from ..labels.relevance import RelevanceLabels
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class BCLSDataCollator:
         max_length: caption truncation length in tokens (``None``: no truncation).
         skip_invalid: drop bad rows (counted, logged) instead of raising.
         image_transform: a picklable ``PIL.Image -> PIL.Image`` callable applied before the processor, e.g.
-            :class:`~trainer_bcls.augmentation.RandomResizedCropFlip` (off by default).
+            :class:`~trainer_bcls.data.augmentation.RandomResizedCropFlip` (off by default).
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class BCLSDataCollator:
             if missing:
                 raise KeyError(
                     f"batch row {k} has no {missing} (keys: {sorted(row)}); pass pair-view rows "
-                    "(trainer_bcls.data.load_pairs) and set remove_unused_columns=False in the training arguments"
+                    "(trainer_bcls.data.loaders.load_pairs) and set remove_unused_columns=False in the training arguments"
                 )
             where = f"batch row {k}: image_id {row['image_id']}, caption_id {row['caption_id']}"
             if row.get("filename"):

@@ -29,7 +29,7 @@ import scipy.sparse as sp
 import torch
 from datasets import Dataset
 
-from .cache import bcls_cache_dir
+from ..cache import bcls_cache_dir
 from .caption_embedders import (
     CaptionEmbedder,
     Embeddings,
@@ -38,8 +38,8 @@ from .caption_embedders import (
     TfidfRelevance,
     caption_key,
 )
-from .caption_index import ImageCaptionIndex
-from .data_errors import InvalidDataError
+from ..data.caption_index import ImageCaptionIndex
+from ..data.errors import InvalidDataError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Export a saved BCLS model to ONNX: `vision.onnx` and `text.onnx`, each giving L2-normalised search embeddings.
 
-    python -m trainer_bcls.export_onnx --model outputs/demo --output outputs/demo-onnx
+    python -m trainer_bcls.towers.export_onnx --model outputs/demo --output outputs/demo-onnx
 
     vision.onnx:  pixel_values [batch, 3, H, W] (H, W: the processor's)  -> image_embeds [batch, D]
     text.onnx:    input_ids, attention_mask (+ token_type_ids) [batch, seq] -> text_embeds [batch, D]

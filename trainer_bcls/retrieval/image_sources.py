@@ -14,7 +14,7 @@ from typing import Any
 
 import PIL.Image
 
-from .image_loading import load_image
+from ..data.image_loading import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class DatasetSource(ImageSource):
     def __init__(self, dataset: Any, name: str, split: str | None, image_column: str | None = None) -> None:
         from datasets import Image
 
-        from .data import resolve_image_column
+        from ..data.loaders import resolve_image_column
 
         image_column = resolve_image_column(dataset, image_column, name, "--image_column")
         if isinstance(dataset.features[image_column], Image):

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .data_errors import InvalidDataError
+from ..data.errors import InvalidDataError
 
 Embeddings = Union[np.ndarray, sp.csr_matrix]
 

@@ -29,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data_errors import InvalidDataError, SkipReport
-from .fingerprint import weights_fingerprint
-from .evaluation import encode_images, encode_texts
-from .image_loading import ImageLoadError, load_image
+from ..data.errors import InvalidDataError, SkipReport
+from ..fingerprint import weights_fingerprint
+from ..evaluation.split_evaluation import encode_images, encode_texts
+from ..data.image_loading import ImageLoadError, load_image
 from .image_sources import IMAGE_SUFFIXES, ImageSource
 from .inference_device import prepare_for_inference
 

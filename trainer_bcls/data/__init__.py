@@ -1,0 +1,45 @@
+"""Data: image-caption datasets on disk or on the Hub → ``datasets.Dataset`` pair views (one row per caption).
+
+Holds the loaders (Karpathy json, imagefolder + metadata, saved / parquet / Hub datasets), image decoding to RGB,
+the image → captions index of a split, the synthetic demo data, train-time augmentation and the data errors
+(:class:`InvalidDataError`, counted skips). May import only the standard library, PIL, numpy, ``datasets`` and
+``trainer_bcls.cache``: nothing from ``labels``, ``training``, ``evaluation``, ``retrieval`` or ``modeling_bcls``.
+"""
+
+from .augmentation import RandomResizedCropFlip
+from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy
+from .errors import InvalidDataError, SkipReport
+from .image_loading import ImageLoadError, load_image, to_rgb
+from .loaders import (
+    densify_ids,
+    load_hf_dataset,
+    load_imagefolder,
+    load_karpathy,
+    load_pairs,
+    resolve_image_column,
+    validate_images,
+    without_image_decoding,
+)
+from .synthetic import default_synthetic_dir, make_synthetic_dataset
+
+__all__ = [
+    "ImageCaptionIndex",
+    "ImageLoadError",
+    "InvalidDataError",
+    "RandomResizedCropFlip",
+    "SkipReport",
+    "check_pair_view",
+    "default_synthetic_dir",
+    "densify_ids",
+    "load_hf_dataset",
+    "load_image",
+    "load_imagefolder",
+    "load_karpathy",
+    "load_pairs",
+    "make_synthetic_dataset",
+    "pair_columns_numpy",
+    "resolve_image_column",
+    "to_rgb",
+    "validate_images",
+    "without_image_decoding",
+]
