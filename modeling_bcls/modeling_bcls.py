@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput, cached_file, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_bcls import BCLSConfig
+from .inference_fusion import FusedTowerCache
 from .losses import bcls_loss
 from .sentence_transformers_files import write_sentence_transformers_files
 
@@ -347,6 +348,9 @@ class BCLSModel(BCLSPreTrainedModel):
         self.text_projection = _projection(self.text_embed_dim, self.projection_dim, config.projection_hidden_dim)
 
         self.post_init()
+        # inference fast path of a frozen CNN image tower (`inference_fusion.py`); not a submodule, never saved
+        self.fast_inference = True
+        self._fused_vision = FusedTowerCache()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
@@ -503,8 +507,33 @@ class BCLSModel(BCLSPreTrainedModel):
             attentions=getattr(outputs, "attentions", None),
         )
 
+    def _inference_vision_tower(self, pixel_values: torch.Tensor) -> nn.Module | None:
+        """The fused copy of the vision tower (`inference_fusion.py`: BatchNorm folded, channels_last) when the
+        tower is a CNN in eval mode and no gradient can flow into it or into the pixels; else None."""
+        tower = self.vision_model
+        if not getattr(self, "fast_inference", False) or pixel_values.requires_grad or tower.training:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters()):
+            return None
+        if any(m.training for m in tower.modules()):
+            return None
+        return self._fused_vision.get(tower, pixel_values)
+
+    def optimize_for_inference(self) -> "BCLSModel":
+        """Eval mode with the inference fast path on (`fast_inference = True`): a frozen CNN image tower runs as a
+        fused copy (BatchNorm folded into its convolutions, channels_last; built on the first batch, rebuilt when
+        the weights change). The model's weights and what `save_pretrained` writes never change. Returns self."""
+        self.fast_inference = True
+        return self.eval()
+
     def _vision_tower(self, pixel_values: torch.Tensor, **tower_kwargs):
         """(the vision tower's outputs, its pooled output [N, vision_embed_dim] before the projection)."""
+        fused = self._inference_vision_tower(pixel_values)
+        if fused is not None:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():  # nothing here can need a gradient (checked above); callers may add inference_mode
+                outputs = fused(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+                return outputs, self._pool(outputs, self.config.vision_pooling, None, "vision")
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         return outputs, self._pool(outputs, self.config.vision_pooling, None, "vision")
 
@@ -593,6 +622,7 @@ class BCLSModel(BCLSPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         vision_pooled_output: torch.FloatTensor | None = None,
+        text_pooled_output: torch.FloatTensor | None = None,
         **kwargs,
     ) -> BCLSOutput:
         r"""
@@ -612,14 +642,16 @@ class BCLSModel(BCLSPreTrainedModel):
         token_type_ids / position_ids (*optional*): passed to the text tower when given.
         vision_pooled_output (`torch.FloatTensor` of shape `(B, vision_embed_dim)`, *optional*): the pooled vision-tower
             output of the images, used instead of running the tower on `pixel_values` (the cached features of a
-            locked tower, `trainer_bcls.training.locked_image_cache`); the projection still runs.
+            locked tower, `trainer_bcls.training.feature_cache`); the projection still runs.
+        text_pooled_output (`torch.FloatTensor` of shape `(B, text_embed_dim)`, *optional*): the same for the text
+            tower (pooled output before `text_projection`), used instead of `input_ids`.
 
         Either modality alone may be given; then only its embeddings are returned. Similarities and loss are float32.
         """
         kwargs.pop("num_items_in_batch", None)
         if kwargs:
             raise TypeError(f"BCLSModel.forward() got unexpected keyword arguments: {sorted(kwargs)}")
-        if pixel_values is None and input_ids is None and vision_pooled_output is None:
+        if pixel_values is None and input_ids is None and vision_pooled_output is None and text_pooled_output is None:
             raise ValueError("BCLSModel.forward() needs pixel_values, input_ids or both.")
 
         if vision_pooled_output is not None:
@@ -629,11 +661,17 @@ class BCLSModel(BCLSPreTrainedModel):
             image_embeds = _l2_normalize_fp32(self.visual_projection(vision_pooled_output.to(projection_dtype)))
         else:
             image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
-        text_embeds = (
-            self.encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
-            if input_ids is not None
-            else None
-        )
+        if text_pooled_output is not None:
+            if input_ids is not None:
+                raise ValueError("Pass input_ids or text_pooled_output (a locked tower's cached output), not both.")
+            projection_dtype = next(self.text_projection.parameters()).dtype
+            text_embeds = _l2_normalize_fp32(self.text_projection(text_pooled_output.to(projection_dtype)))
+        else:
+            text_embeds = (
+                self.encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+                if input_ids is not None
+                else None
+            )
 
         cosines = logits_per_image = logits_per_text = None
         if image_embeds is not None and text_embeds is not None:

@@ -59,14 +59,18 @@ def test_train_script_runs_with_two_processes(tmp_path, synthetic_dir):
     assert (output_dir / "model.safetensors").is_file()
 
 
-def test_locked_image_cache_with_two_processes_and_gradcache(tmp_path, synthetic_dir):
+def test_lock_boundary_caches_with_two_processes(tmp_path, synthetic_dir):
     launch([str(ROOT / "tests/distributed/check_locked_cache.py"), str(tmp_path), str(synthetic_dir)], tmp_path)
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["world"] == 2
-        # uncached: 6 steps x 2 chunks of 4 rows x 2 GradCache passes (embed without graph, then replay)
-        assert result["plain_calls_per_epoch"] == [24, 24], result
-        assert result["cached_calls_per_epoch"][0] > 0 and result["cached_calls_per_epoch"][1] == 0
-        assert result["cache_entries"] == result["distinct_images"]  # entries shared across the processes
-        assert result["num_losses"] == [12, 12] and result["max_loss_diff"] <= 1e-5
-        assert result["weights_moved"] > 1e-3 and result["max_weight_diff"] <= 1e-5
+        for name in ("locked", "lit"):
+            run = result[name]
+            # uncached, locked with GradCache: 6 steps x 2 chunks of 4 rows x 2 passes (embed, then replay)
+            assert run["plain_calls_per_epoch"] == ([24, 24] if name == "locked" else [6, 6]), run
+            # cached: each process embeds its 10 of the 20 images in one batch before training, then none
+            assert run["cached_calls_per_epoch"] == [0, 0] and run["cached_calls_before_training"] == 1, run
+            assert run["cache_entries"] == result["distinct_images"]  # both halves on every process
+            assert run["text_cache"] == (None if name == "locked" else "boundary")
+            assert run["num_losses"] == [12, 12] and run["max_loss_diff"] <= 1e-5, run
+            assert run["weights_moved"] > 1e-3 and run["max_weight_diff"] <= 1e-5, run

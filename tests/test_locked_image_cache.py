@@ -42,6 +42,7 @@ def locked_model(train_pairs, vision="resnet", **config_kwargs):
         train_pairs["caption"], image_size=32, projection_dim=32, vision=vision, **config_kwargs
     )
     freeze_towers(model, freeze_vision_model=True)
+    model.fast_inference = False  # count the tower's own forward calls (the fused copy is tested elsewhere)
     return model, processor
 
 
@@ -159,7 +160,9 @@ class EpochCalls(TrainerCallback):
         self.per_epoch.append(self.calls.count - self.start)
 
 
-def test_second_epoch_runs_no_image_forward_and_trains_like_the_uncached_run(train_pairs, relevance, tmp_path):
+def test_no_epoch_runs_an_image_forward_and_training_matches_the_uncached_run(train_pairs, relevance, tmp_path):
+    """The lock-boundary cache (`feature_cache`) embeds every image before the first step; `cache_locked_features`
+    off runs the tower every step; the per-step cache of this file serves datasets the trainer cannot list."""
     pairs = train_pairs.select(range(96))  # 20 images, 6 steps of 16 per epoch
     results = {}
     for cached in (True, False):
@@ -168,16 +171,16 @@ def test_second_epoch_runs_no_image_forward_and_trains_like_the_uncached_run(tra
         counter = EpochCalls(calls)
         trainer = make_trainer(
             model, processor, pairs, relevance, tmp_path / str(cached), max_steps=-1, num_train_epochs=2,
-            cache_locked_image_features=cached,
+            cache_locked_features=cached,
         )
         trainer.add_callback(counter)
         trainer.train()
-        results[cached] = (counter.per_epoch, model.visual_projection.weight.detach().clone(), trainer)
-    (cached_calls, cached_weight, trainer), (plain_calls, plain_weight, _) = results[True], results[False]
+        results[cached] = (counter.per_epoch, calls.count, model.visual_projection.weight.detach().clone(), trainer)
+    (cached_calls, cached_total, cached_weight, trainer), (plain_calls, _, plain_weight, _) = results[True], results[False]
     steps_per_epoch = len(pairs) // 16
     assert plain_calls == [steps_per_epoch, steps_per_epoch]
-    assert 0 < cached_calls[0] <= steps_per_epoch and cached_calls[1] == 0
-    assert len(trainer.locked_image_cache) == len(set(pairs["image_id"]))
+    assert cached_calls == [0, 0] and cached_total == 2  # 20 distinct images, embedded in batches of 16 up front
+    assert len(trainer.feature_caches.vision.rows) == len(set(pairs["image_id"]))
     torch.testing.assert_close(cached_weight, plain_weight, rtol=1e-4, atol=1e-6)
 
 

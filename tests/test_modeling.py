@@ -358,7 +358,8 @@ def _expected_code_files() -> set[str]:
     losses_dir = os.path.join(os.path.dirname(modeling_module.__file__), "losses")
     loss_modules = {f for f in os.listdir(losses_dir) if f.endswith(".py") and f != "__init__.py"}
     assert {"loss_bcls.py", "loss_kendall.py", "loss_triplet_sn.py", "kendall_kernels.py"} <= loss_modules
-    return loss_modules | {"modeling_bcls.py", "configuration_bcls.py", "losses.py", "sentence_transformers_files.py"}
+    return loss_modules | {"modeling_bcls.py", "configuration_bcls.py", "losses.py", "sentence_transformers_files.py",
+                           "inference_fusion.py"}
 
 
 def test_save_load_round_trip_and_auto_classes(tmp_path, pair_model):

@@ -276,3 +276,17 @@ def test_tower_learning_rate_groups_and_a_zero_tower_rate_leaves_unlocked_layers
 def test_tower_learning_rate_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="tower_learning_rate"):
         BCLSTrainingArguments(output_dir=str(tmp_path), tower_learning_rate=-1.0, report_to=[])
+
+
+def test_logs_show_the_heads_rate_as_learning_rate_and_the_towers_rate_beside_it(splits, tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor(splits[0]["caption"], image_size=32, projection_dim=32)
+    freeze_towers(model, freeze_vision_model=True, vision_unlocked_layers=1)
+    trainer = train_steps(splits, tmp_path, model, processor, steps=4, tower_learning_rate=1e-4, logging_steps=1,
+                          lr_scheduler_type="constant")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4
+    for entry in logged:  # --learning_rate 1e-2 for the projections, --tower_learning_rate 1e-4 for the towers
+        assert entry["learning_rate"] == pytest.approx(1e-2) and entry["tower_learning_rate"] == pytest.approx(1e-4)
+    plain = train_steps(splits, tmp_path / "plain", model, processor, steps=2, logging_steps=1)
+    assert all("tower_learning_rate" not in e for e in plain.state.log_history)

@@ -1,50 +1,41 @@
 #!/usr/bin/env python
 """Flickr8k train → val with pretrained towers: the study that decides whether the Kendall term earns its place.
 
-    python benchmarks/studies/flickr8k_pretrained.py features                      # once: tower outputs of train + val
-    python benchmarks/studies/flickr8k_pretrained.py text_cut --layers 1           # only for --unlock text1
-    python benchmarks/studies/flickr8k_pretrained.py run --binary_loss vse --kendall_weight 0.2 --seed 0
+    python benchmarks/studies/flickr8k_pretrained.py --vision ../cache/effnet-lite2-256 run --kendall_weight 0.2 --seed 0
+    python benchmarks/studies/flickr8k_pretrained.py --vision ../cache/effnet-lite2-256 run --unlock text1 \
+        --tower_learning_rate 1e-4 --seed 0                              # LiT: the last text layer trains
     python benchmarks/studies/flickr8k_pretrained.py collect [--tower effnet-lite2-256]   # tables + rsum-vs-τ-b plot
 
-Towers: EfficientNet-Lite0 (ImageNet, converted with `python -m trainer_bcls.towers.convert_efficientnet_lite`) at 128 px
-and all-MiniLM-L6-v2 (mean pooling), both from `BCLSModel.from_vision_text_pretrained`. Frozen tower parts run in
-eval mode with no augmentation, so their outputs are a fixed function of the input: `features` computes them once
-(the outputs at the *lock boundary*) and every run trains the rest of the model on them. That is exactly what
-`examples/train.py --freeze_*` / `--vision_unlocked_layers` computes, without re-running the frozen layers every
-epoch:
+Every run is one `examples/train.py` run (the product: `BCLSTrainer` with its lock-boundary caches), built from the
+run flags by `train_flags` and executed in this process; this script keeps no training loop of its own. Towers: a
+converted EfficientNet-Lite folder (`--vision`, made by `python -m trainer_bcls.towers.convert_efficientnet_lite`;
+its `preprocessor_config.json` sets the input size, the 128 px JPEGs are resized to it) and all-MiniLM-L6-v2 (mean
+pooling). Frozen tower parts run once per image and caption (`--feature_cache_dir`, shared by every run of the
+study, so only the first run of a tower pays for them):
 
-- `--unlock none`: both towers locked; the trained part is `BCLSModel.visual_projection` / `text_projection`
-  (bias-free linear, or the MLP head of `--projection_hidden_dim`) on the pooled tower outputs.
-- `--unlock vision2`: the image tower's last MBConv block and its 1x1 head conv + BatchNorm (the last 2 layer groups)
-  train too, from cached inputs of that block ([192, 4, 4] at 128 px).
-- `--unlock text1` / `text2` (LiT: image locked, text partly unlocked): the text tower's last 1 / 2 encoder layers
-  train too (dropout on, `--tower_learning_rate`), from its cached token states at the lock boundary
-  (`text_cut --layers N` writes them packed, and checks that the tail on them reproduces the pooled features);
-  each batch runs the tail in chunks of captions of similar length. `train.py --freeze_text_model
-  --text_unlocked_layers N --tower_learning_rate LR` computes the same (it re-runs the frozen layers every step).
+- `--unlock none`: both towers locked (`--freeze_vision_model --freeze_text_model`); the projections train;
+- `--unlock vision2`: the image tower's last 2 layer groups train too (`--vision_unlocked_layers 2`);
+- `--unlock text1` / `text2` (LiT): the text tower's last 1 / 2 encoder layers train (`--text_unlocked_layers N`)
+  at `--tower_learning_rate`.
 
-`--vision` picks the converted image tower (its `preprocessor_config.json` sets the input size: the 128 px JPEGs are
-resized to it); runs with another tower than the default get `vision=<folder name>` in their setting name and
-should use their own `--output_dir` (`features --text_from DIR` reuses the text outputs of another one).
-
-Every run is step-matched (`--epochs` over the 29,995 train pairs, batch `--batch_size`), AdamW with warmup +
-cosine decay, one CPU thread. The loss is the package's `bcls_loss` (`binary_loss` + `kendall_weight` × Kendall
-SW-HS) with the train split's relevance labels (`--relevance`). Evaluation: full-gallery retrieval on val (1,000
-images, 5,000 captions): R@1/5/10 both ways, rsum, and Kendall τ-b / nDCG@10 of the similarities against the same
-all-MiniLM-L6-v2 relevance of the val split for every run (max cosine to the image's reference captions; the
-evaluation labels never change with `--relevance`).
+Every run is step-matched (`--epochs` over the 29,995 train pairs, batch `--batch_size`, the last partial batch
+dropped: 1,872 steps for 8 × 128), AdamW (weight decay `--weight_decay`) with 5 % warmup + cosine decay, one CPU
+thread (`--threads`). The loss is `bcls_loss` (`binary_loss` + `kendall_weight` × Kendall SW-HS) with the train
+split's MiniLM relevance labels. Evaluation: full-gallery retrieval on val (1,000 images, 5,000 captions): R@1/5/10
+both ways, rsum, and Kendall τ-b / nDCG@10 against the MiniLM relevance of the val split.
 
 Output: one JSON record per run in `--output_dir` (default outputs/flickr8k_pretrained/runs); `collect` prints the
 table (mean ± half-range over seeds) and, with `--plot`, the rsum-vs-τ-b figure. The study's records are committed as
-benchmarks/studies/flickr8k_pretrained_runs.jsonl (`collect --records` reads them). Plans of runs: benchmarks/studies/plans/*.txt,
-run by benchmarks/studies/run_plan.sh.
+benchmarks/studies/flickr8k_pretrained_runs.jsonl (`collect --records` reads them); records made through
+`train.py` carry `"via": "train.py"`. Plans of runs: benchmarks/studies/plans/*.txt, run by
+benchmarks/studies/run_plan.sh. (The records before 2026-12-03 came from this script's former training loop over
+cached features, which computed the same model; the re-runs through train.py are in RESULTS.md.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -59,14 +50,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flickr8k"
 DEFAULT_OUT = ROOT / "outputs" / "flickr8k_pretrained"
 DEFAULT_VISION = ROOT.parent / "cache" / "effnet-lite0-128"
+DEFAULT_FEATURES = ROOT.parent / "cache" / "flickr8k_features"
 
 
 def minilm_path() -> str:
@@ -85,363 +74,95 @@ def limit_threads(n: int) -> None:
         pass
 
 
-def load_split(data: Path, split: str):
-    from trainer_bcls import load_pairs
-    from trainer_bcls.data.caption_index import ImageCaptionIndex
-
-    pairs = load_pairs(str(data), split, check_images=False)
-    return pairs, ImageCaptionIndex.from_pairs(pairs)
-
-
-def build_model(vision: str, projection_hidden_dim: int | None = None):
-    from modeling_bcls import BCLSModel
-
-    return BCLSModel.from_vision_text_pretrained(vision, minilm_path(), projection_hidden_dim=projection_hidden_dim)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# features: the frozen part, once
+# run: one examples/train.py run
 # ---------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def image_features(model, processor, pairs, index, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Pooled outputs [N, 1280] and the inputs of the last MBConv block [N, C, h, w], rows by image id."""
-    from tqdm.auto import tqdm
-
-    from trainer_bcls.data.image_loading import load_image
-
-    tower = model.vision_model.eval()
-    pooled, cut = [], []
-    images = index.select_images(pairs)
-    for start in tqdm(range(0, index.num_images, batch_size), desc="images"):
-        rows = images[start : start + batch_size]["image"]
-        batch = [load_image(value, where=f"image {start + k}") for k, value in enumerate(rows)]
-        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"]
-        hidden = tower.embeddings(pixel_values)
-        for block in tower.encoder.blocks[:-1]:
-            hidden = block(hidden)
-        cut.append(hidden.clone())
-        out = vision_tail(tower, hidden)
-        pooled.append(out)
-    return {"pooled": torch.cat(pooled), "cut": torch.cat(cut)}
+UNLOCK_FLAGS = {
+    "none": ["--freeze_vision_model", "--freeze_text_model"],
+    "vision2": ["--freeze_vision_model", "--vision_unlocked_layers", "2", "--freeze_text_model"],
+    "text1": ["--freeze_vision_model", "--freeze_text_model", "--text_unlocked_layers", "1"],
+    "text2": ["--freeze_vision_model", "--freeze_text_model", "--text_unlocked_layers", "2"],
+}
 
 
-def vision_tail(tower, hidden: torch.Tensor) -> torch.Tensor:
-    """Last MBConv block + 1x1 head conv + BN + activation + mean pooling (`EfficientNetModel`'s own modules)."""
-    hidden = tower.encoder.blocks[-1](hidden)
-    hidden = tower.encoder.top_activation(tower.encoder.top_bn(tower.encoder.top_conv(hidden)))
-    return hidden.mean(dim=(2, 3))
+def train_flags(args, run_dir: Path) -> list[str]:
+    """The `examples/train.py` command line of a study run."""
+    unsupported = {"--relevance": args.relevance != "minilm", "--relevance_reduce": args.relevance_reduce != "max",
+                   "--relevance_rescale": args.relevance_rescale, "--kendall_warmup": args.kendall_warmup != 0}
+    named = [flag for flag, used in unsupported.items() if used]
+    if named:
+        raise SystemExit(f"error: {', '.join(named)}: relevance variants and a Kendall warm-up are not train.py "
+                         "options; those settings of the former loop are not re-run")
+    minilm = minilm_path()
+    flags = [
+        "--data", str(Path(args.data) / "dataset_flickr8k.json"), "--train_split", "train", "--eval_split", "val",
+        "--vision_model", args.vision, "--text_model", minilm, "--relevance", "sentence", "--relevance_model", minilm,
+        *UNLOCK_FLAGS[args.unlock],
+        "--binary_loss", args.binary_loss, "--margin", str(args.margin),
+        "--soft_negative_temperature", str(args.soft_negative_temperature),
+        "--infonce_temperature", str(args.infonce_temperature), "--kendall_weight", str(args.kendall_weight),
+        "--kendall_window_size", str(args.kendall_window_size), "--kendall_label_gap", str(args.kendall_label_gap),
+        "--kendall_hard_mining", str(not args.no_hard_mining),
+        "--per_device_train_batch_size", str(args.batch_size), "--num_train_epochs", str(args.epochs),
+        "--dataloader_drop_last", "True", "--learning_rate", str(args.learning_rate),
+        "--weight_decay", str(args.weight_decay), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+        "--seed", str(args.seed), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "100",
+        "--report_to", "none", "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(run_dir),
+        "--feature_cache_dir", str(args.feature_cache_dir),
+    ]
+    if args.tower_learning_rate is not None:
+        flags += ["--tower_learning_rate", str(args.tower_learning_rate)]
+    if args.projection_hidden_dim is not None:
+        flags += ["--projection_hidden_dim", str(args.projection_hidden_dim)]
+    return flags
 
 
-@torch.no_grad()
-def text_features(model, processor, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    from tqdm.auto import tqdm
+def load_train_script():
+    import importlib.util
 
-    model.text_model.eval()
-    out = torch.zeros(len(captions), model.text_model.config.hidden_size)
-    order = np.argsort([-len(c) for c in captions], kind="stable")
-    for start in tqdm(range(0, len(captions), batch_size), desc="captions"):
-        rows = order[start : start + batch_size]
-        tokens = processor(text=[captions[i] for i in rows], padding=True, return_tensors="pt")
-        out[torch.as_tensor(rows)] = model._text_tower(tokens["input_ids"], tokens["attention_mask"])[1].float()
-    return out
-
-
-def text_mask(tower, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    from transformers.masking_utils import create_bidirectional_mask
-
-    return create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=attention_mask)
-
-
-def text_tail(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
-    """The text tower's last `layers` encoder layers + the model's own pooling, from the lock-boundary states."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    tower = model.text_model
-    mask = text_mask(tower, hidden, attention_mask)
-    for layer in tower.encoder.layer[len(tower.encoder.layer) - layers :]:
-        hidden = layer(hidden, mask)
-    return model._pool(BaseModelOutput(last_hidden_state=hidden), model.config.text_pooling, attention_mask, "text")
-
-
-@torch.no_grad()
-def text_cut_features(model, processor, captions: list[str], layers: int, batch_size: int = 256):
-    """Token states at the input of the last `layers` text-encoder layers, packed: [sum of lengths, hidden] plus
-    offsets [N + 1] (caption i owns rows offsets[i]:offsets[i+1])."""
-    from tqdm.auto import tqdm
-
-    tower = model.text_model.eval()
-    states: list[torch.Tensor | None] = [None] * len(captions)
-    for start in tqdm(range(0, len(captions), batch_size), desc=f"caption states (-{layers})"):
-        rows = list(range(start, min(start + batch_size, len(captions))))
-        tokens = processor(text=[captions[i] for i in rows], padding=True, return_tensors="pt")
-        hidden = tower.embeddings(input_ids=tokens["input_ids"])
-        mask = text_mask(tower, hidden, tokens["attention_mask"])
-        for layer in tower.encoder.layer[: len(tower.encoder.layer) - layers]:
-            hidden = layer(hidden, mask)
-        for k, i in enumerate(rows):
-            states[i] = hidden[k, : int(tokens["attention_mask"][k].sum())].clone()
-    lengths = torch.tensor([len(x) for x in states])
-    return torch.cat(states), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-
-
-def padded_states(packed: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor):
-    """Rows `ids` of packed token states as a padded batch [len(ids), max length, hidden] + attention mask."""
-    starts, ends = offsets[ids], offsets[ids + 1]
-    lengths = ends - starts
-    width = int(lengths.max())
-    position = torch.arange(width)
-    mask = position[None, :] < lengths[:, None]
-    index = (starts[:, None] + position[None, :]).clamp(max=packed.shape[0] - 1)
-    hidden = packed[index] * mask[..., None]
-    return hidden, mask.long()
-
-
-def tail_by_length(model, cut: dict[str, torch.Tensor], ids: torch.Tensor, layers: int, chunk: int = 32) -> torch.Tensor:
-    """`text_tail` of captions `ids` run in chunks of similar length (less padding; each caption's output does not
-    depend on the others'), returned in the order of `ids`."""
-    lengths = cut["offsets"][ids + 1] - cut["offsets"][ids]
-    order = torch.argsort(lengths, stable=True)
-    pooled = torch.cat([text_tail(model, *padded_states(cut["states"], cut["offsets"], ids[part]), layers)
-                        for part in order.split(chunk)])
-    return pooled[torch.argsort(order)]
-
-
-def cmd_text_cut(args) -> None:
-    """Lock-boundary token states of the text tower (input of its last --layers layers), train + val."""
-    from modeling_bcls import BCLSProcessor
-
-    limit_threads(args.threads)
-    model = build_model(args.vision)
-    processor = BCLSProcessor.from_vision_text_pretrained(args.vision, minilm_path())
-    for split in ("train", "val"):
-        path = Path(args.output_dir) / "features" / f"{split}_text_cut{args.layers}.safetensors"
-        if path.exists():
-            print(f"{path} exists")
-            continue
-        start = time.perf_counter()
-        pairs, index = load_split(Path(args.data), split)
-        packed, offsets = text_cut_features(model, processor, index.captions, args.layers)
-        check = torch.arange(min(64, index.num_captions))  # the tail on the cut reproduces the pooled features
-        with torch.no_grad():
-            pooled = text_tail(model.eval(), *padded_states(packed, offsets, check), args.layers)
-        reference = load_file(str(Path(args.output_dir) / "features" / f"{split}.safetensors"))["text"][check]
-        print(f"{split}: tail(cut) vs pooled features: max |diff| {(pooled - reference).abs().max():.2e}")
-        save_file({"states": packed.contiguous(), "offsets": offsets}, str(path))
-        print(f"{split}: {len(offsets) - 1} captions, {packed.shape[0]} tokens in {time.perf_counter() - start:.0f}s")
-
-
-def cmd_features(args) -> None:
-    from modeling_bcls import BCLSProcessor
-
-    limit_threads(args.threads)
-    model = build_model(args.vision)
-    processor = BCLSProcessor.from_vision_text_pretrained(args.vision, minilm_path())
-    feature_dir = Path(args.output_dir) / "features"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        path = feature_dir / f"{split}.safetensors"
-        if path.exists():
-            print(f"{path} exists")
-            continue
-        start = time.perf_counter()
-        pairs, index = load_split(Path(args.data), split)
-        tensors = image_features(model, processor, pairs, index)
-        if args.text_from:  # the text tower does not change with --vision: reuse its outputs
-            tensors["text"] = load_file(str(Path(args.text_from) / "features" / f"{split}.safetensors"))["text"]
-        else:
-            tensors["text"] = text_features(model, processor, index.captions)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-        print(f"{split}: {index.num_images} images, {index.num_captions} captions in {time.perf_counter() - start:.0f}s")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# run: train the unfrozen part
-# ---------------------------------------------------------------------------------------------------------------------
-class RelevanceVariant:
-    """Train-split relevance labels of a batch: MiniLM / TF-IDF / both (mean), max or mean over the references,
-    optionally rescaled per row to [0, 1] over the negatives (positives stay 1)."""
-
-    def __init__(self, kind: str, reduce: str, rescale: bool, pairs):
-        from trainer_bcls import build_relevance_labels
-
-        kinds = {"minilm": ["sentence"], "tfidf": ["tfidf"], "both": ["sentence", "tfidf"]}[kind]
-        self.labels = [
-            build_relevance_labels(pairs, kind=k, model_name_or_path=minilm_path() if k == "sentence" else None)
-            for k in kinds
-        ]
-        self.reduce, self.rescale = reduce, rescale
-
-    def _one(self, labels, image_ids: np.ndarray, caption_ids: np.ndarray) -> torch.Tensor:
-        if self.reduce == "max":
-            return labels.batch_matrix(image_ids, caption_ids)
-        index = labels.index
-        total = np.zeros((len(image_ids), len(caption_ids)), dtype=np.float32)
-        counts = index.image_caption_offsets[image_ids + 1] - index.image_caption_offsets[image_ids]
-        for k in range(int(counts.max())):
-            refs = index.image_caption_indices[index.image_caption_offsets[image_ids] + np.minimum(k, counts - 1)]
-            sim = labels._similarity(refs, caption_ids)
-            total += np.where((k < counts)[:, None], sim, 0.0)
-        return labels._labels(total / counts[:, None], image_ids, caption_ids)
-
-    def batch(self, image_ids: np.ndarray, caption_ids: np.ndarray) -> torch.Tensor:
-        rel = sum(self._one(labels, image_ids, caption_ids) for labels in self.labels) / len(self.labels)
-        positive = torch.as_tensor(image_ids[:, None] == image_ids[None, :])
-        rel = rel.masked_fill(positive, 1.0)
-        if self.rescale:
-            negatives = rel.masked_fill(positive, float("nan"))
-            low = torch.nan_to_num(negatives, nan=float("inf")).amin(dim=1, keepdim=True)
-            high = torch.nan_to_num(negatives, nan=float("-inf")).amax(dim=1, keepdim=True)
-            rel = ((rel - low) / (high - low).clamp_min(1e-6)).clamp(0, 1).masked_fill(positive, 1.0)
-        return rel
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def kendall_factor(step: int, total: int, warmup_fraction: float) -> float:
-    """Kendall-weight schedule: 0 → 1 linearly over the first `warmup_fraction` of the steps (1 when 0)."""
-    if warmup_fraction <= 0:
-        return 1.0
-    return min(1.0, step / (warmup_fraction * total))
+    spec = importlib.util.spec_from_file_location("bcls_train", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def cmd_run(args) -> dict:
-    from modeling_bcls.losses import bcls_loss
-    from trainer_bcls.evaluation.split_evaluation import EncodedSplit, split_metrics
-    from trainer_bcls import build_relevance_labels
-
     args.setting = args.setting or default_setting(args)
-    record_path = Path(args.output_dir) / "runs" / f"{args.setting}__seed{args.seed}.json".replace("/", "_").replace(" ", "")
+    name = f"{args.setting}__seed{args.seed}".replace("/", "_").replace(" ", "")
+    record_path = Path(args.output_dir) / "runs" / f"{name}.json"
     if record_path.exists():
         print(f"{args.setting} seed {args.seed}: exists ({record_path.name})")
         return json.loads(record_path.read_text())
     limit_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    feature_dir = Path(args.output_dir) / "features"
-    train_feats, val_feats = load_file(str(feature_dir / "train.safetensors")), load_file(str(feature_dir / "val.safetensors"))
-    train_pairs, train_index = load_split(Path(args.data), "train")
-    val_pairs, val_index = load_split(Path(args.data), "val")
-
-    model = build_model(args.vision, args.projection_hidden_dim)
-    tower = model.vision_model
-    trainable: list[nn.Parameter] = list(model.visual_projection.parameters()) + list(model.text_projection.parameters())
-    tower_params: list[nn.Parameter] = []
-    text_layers = int(args.unlock[4:]) if args.unlock.startswith("text") else 0
-    if args.unlock == "vision2":
-        tail = nn.ModuleList([tower.encoder.blocks[-1], tower.encoder.top_conv, tower.encoder.top_bn])
-        tower_params = list(tail.parameters())
-    elif text_layers:
-        layers = model.text_model.encoder.layer
-        tail = nn.ModuleList(layers[len(layers) - text_layers :])
-        tower_params = list(tail.parameters())
-    model.requires_grad_(False)
-    for p in trainable + tower_params:
-        p.requires_grad_(True)
-    model.eval()  # frozen parts: eval mode; trained modules switched to train below
-    model.visual_projection.train(), model.text_projection.train()
-    if args.unlock != "none":
-        tail.train()
-
-    if text_layers:
-        cut = {split: load_file(str(feature_dir / f"{split}_text_cut{text_layers}.safetensors")) for split in ("train", "val")}
-
-    def image_input(feats, ids):
-        key = "cut" if args.unlock == "vision2" else "pooled"
-        return feats[key][ids]
-
-    def text_input(split: str, feats, ids: torch.Tensor):
-        return (cut[split], ids) if text_layers else feats["text"][ids]
-
-    def embed_images(x: torch.Tensor) -> torch.Tensor:
-        pooled = vision_tail(tower, x) if args.unlock == "vision2" else x
-        return nn.functional.normalize(model.visual_projection(pooled).float(), dim=-1)
-
-    def embed_texts(x) -> torch.Tensor:
-        pooled = tail_by_length(model, *x, text_layers) if text_layers else x
-        return nn.functional.normalize(model.text_projection(pooled).float(), dim=-1)
-
-    relevance = None
-    if args.kendall_weight > 0:
-        relevance = RelevanceVariant(args.relevance, args.relevance_reduce, args.relevance_rescale, train_pairs)
-    loss_kwargs = dict(
-        binary_loss=args.binary_loss,
-        margin=args.margin,
-        soft_negative_temperature=args.soft_negative_temperature,
-        infonce_temperature=args.infonce_temperature,
-        kendall_window_size=args.kendall_window_size,
-        kendall_label_gap=args.kendall_label_gap,
-        kendall_hard_mining=not args.no_hard_mining,
-    )
-    tower_lr = args.tower_learning_rate or args.learning_rate
-    groups = [(trainable, args.learning_rate), (tower_params, tower_lr)]
-    optimizer = torch.optim.AdamW(
-        [group for params, lr in groups for decay in (True, False)
-         if (group := {"params": [p for p in params if (p.dim() >= 2) == decay],
-                       "weight_decay": args.weight_decay if decay else 0.0, "base_lr": lr})["params"]],
-        lr=args.learning_rate,
-    )
-    caption_image = train_index.caption_image_ids
-    num_pairs = len(caption_image)
-    steps_per_epoch = num_pairs // args.batch_size
-    total = steps_per_epoch * args.epochs
-    warmup = int(0.05 * total)
+    run_dir = Path(args.output_dir) / "models" / name
+    flags = train_flags(args, run_dir)
     start = time.perf_counter()
-    log = []
-    step = 0
-    for epoch in range(args.epochs):
-        perm = rng.permutation(num_pairs)
-        for b in range(steps_per_epoch):
-            caption_ids = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            image_ids = caption_image[caption_ids]
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)
-            img = embed_images(image_input(train_feats, torch.as_tensor(image_ids)))
-            txt = embed_texts(text_input("train", train_feats, torch.as_tensor(caption_ids)))
-            sim = img @ txt.T
-            positive = torch.as_tensor(image_ids[:, None] == image_ids[None, :])
-            weight = args.kendall_weight * kendall_factor(step, total, args.kendall_warmup)
-            rel = relevance.batch(image_ids, caption_ids) if relevance is not None else None
-            out = bcls_loss(sim, positive, rel, kendall_weight=weight, **loss_kwargs)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            if step % 100 == 0:
-                log.append({"step": step, "loss": out["loss"].item(), "binary": out["triplet"].item(),
-                            "kendall": out["kendall"].item()})
-            step += 1
-    train_seconds = time.perf_counter() - start
-
-    model.eval()
-    with torch.no_grad():
-        val_img = torch.cat([embed_images(image_input(val_feats, torch.arange(s, min(s + 256, val_index.num_images))))
-                             for s in range(0, val_index.num_images, 256)])
-        val_txt = torch.cat([embed_texts(text_input("val", val_feats, torch.arange(s, min(s + 256, val_index.num_captions))))
-                             for s in range(0, val_index.num_captions, 256)])
-    val_relevance = build_relevance_labels(val_pairs, kind="sentence", model_name_or_path=minilm_path())
-    metrics = split_metrics(EncodedSplit(val_img, val_txt, val_index), val_relevance)
+    metrics = load_train_script().main(flags)
+    wall = time.perf_counter() - start
+    state = json.loads((run_dir / "trainer_state.json").read_text())
     record = {
         "setting": args.setting,
         "seed": args.seed,
+        "via": "train.py",
         "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
-        "steps": total,
-        "train_seconds": round(train_seconds, 1),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "log": log,
+        "command": "python examples/train.py " + " ".join(flags),
+        "steps": state["global_step"],
+        "train_seconds": round(float(metrics["train_runtime"]), 1),
+        "wall_seconds": round(wall, 1),
+        "metrics": {k[len("eval_"):]: float(v) for k, v in metrics.items()
+                    if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second")},
+        "log": [e for e in state["log_history"] if "loss" in e],
     }
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     m = record["metrics"]
     print(f"{record['setting']} seed {args.seed}: rsum {m['rsum']:.1f} tau_b {m['kendall_tau_b']:.4f} "
-          f"ndcg {m['ndcg@10']:.4f} ({train_seconds:.0f}s, {total} steps)")
+          f"ndcg {m['ndcg@10']:.4f} ({record['train_seconds']:.0f}s training, {record['steps']} steps)")
     return record
 
 
-SETTING_EXCLUDE = ("setting", "seed", "func", "command", "data", "output_dir", "vision", "threads")
+SETTING_EXCLUDE = ("setting", "seed", "func", "command", "data", "output_dir", "vision", "threads", "feature_cache_dir")
 
 
 def default_setting(args) -> str:
@@ -592,13 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=str(DEFAULT_OUT))
     parser.add_argument("--vision", default=str(DEFAULT_VISION), help="converted EfficientNet-Lite folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--feature_cache_dir", default=str(DEFAULT_FEATURES), help="lock-boundary caches of every run")
     sub = parser.add_subparsers(dest="command", required=True)
-    features = sub.add_parser("features")
-    features.set_defaults(func=cmd_features)
-    features.add_argument("--text_from", default=None, help="an --output_dir whose text features to reuse")
-    text_cut = sub.add_parser("text_cut")
-    text_cut.set_defaults(func=cmd_text_cut)
-    text_cut.add_argument("--layers", type=int, default=1, help="unlocked text-encoder layers")
     run = sub.add_parser("run")
     run.set_defaults(func=cmd_run)
     run.add_argument("--setting", default=None, help="label of the setting (default: from the flags)")

@@ -101,6 +101,7 @@ def export_onnx(model, output_dir: str | os.PathLike, processor=None, opset: int
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
+    model.fast_inference = False  # trace the tower itself (onnxruntime folds BatchNorm in its own graph passes)
     size = image_size(model, processor)
     pixel_values, text = example_inputs(model, size=size)
     text_names = _text_input_names(model, processor)

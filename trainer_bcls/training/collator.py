@@ -67,6 +67,11 @@ class BCLSDataCollator:
         self.skip_invalid = skip_invalid
         self.image_transform = image_transform
         self.num_skipped = 0
+        # Set by BCLSTrainer when the lock-boundary caches hold every image / caption of the split
+        # (`feature_cache.py`): the batch then carries ids only, no pixels / tokens.
+        self.load_images = True
+        self.tokenize = True
+        self.invalid_image_ids: frozenset[int] = frozenset()
 
     def _skip(self, error: InvalidDataError) -> None:
         if not self.skip_invalid:
@@ -90,30 +95,37 @@ class BCLSDataCollator:
             if not isinstance(caption, str) or not caption.strip():
                 self._skip(InvalidDataError(f"{where}: caption must be a non-empty string, got {caption!r:.80}"))
                 continue
-            try:
-                image = load_image(row["image"], where=where)
-            except ImageLoadError as err:
-                self._skip(err)
+            if int(row["image_id"]) in self.invalid_image_ids:
+                self._skip(InvalidDataError(f"{where}: the image could not be loaded (see the feature cache's warning)"))
                 continue
-            if self.image_transform is not None:
-                image = self.image_transform(image)
-            images.append(image)
+            if self.load_images:
+                try:
+                    image = load_image(row["image"], where=where)
+                except ImageLoadError as err:
+                    self._skip(err)
+                    continue
+                if self.image_transform is not None:
+                    image = self.image_transform(image)
+                images.append(image)
             captions.append(caption)
             image_ids.append(int(row["image_id"]))
             caption_ids.append(int(row["caption_id"]))
-        if not images:
+        if not captions:
             raise InvalidDataError(f"every row of a batch of {len(rows)} was invalid (see the warnings above)")
 
-        inputs = self.processor(
-            images=images,
-            text=captions,
-            padding=True,
-            truncation=self.max_length is not None,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        batch: dict[str, Any] = {key: value for key, value in inputs.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
+        batch: dict[str, Any] = {}
+        if self.load_images or self.tokenize:
+            inputs = self.processor(
+                images=images if self.load_images else None,
+                text=captions if self.tokenize else None,
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            batch.update(inputs.items())
+        if self.load_images:
+            batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.int64)
         batch["caption_ids"] = torch.tensor(caption_ids, dtype=torch.int64)
         if self.relevance is not None:

@@ -122,16 +122,20 @@ def layer_groups(tower: nn.Module, blocks: str | None = None) -> list[LayerGroup
     return groups
 
 
-def _train_stays_eval(module: nn.Module, mode: bool = True) -> nn.Module:
-    """`train()` of a frozen module: eval mode whatever `mode` says."""
-    return nn.Module.train(module, False)
+def _train_stays_eval(module: nn.Module, subtree: tuple[nn.Module, ...], mode: bool = True) -> nn.Module:
+    """`train()` of a frozen module: eval mode whatever `mode` says, for its whole (frozen) subtree, set in one pass
+    over the subtree listed at freezing time (the Trainer calls `model.train()` every step)."""
+    for child in subtree:
+        child.__dict__["training"] = False
+    return module
 
 
 def _lock_in_eval(module: nn.Module) -> None:
     module.eval()
     # An instance attribute shadows nn.Module.train, so a parent's train() (the Trainer's model.train()) keeps the
-    # module in eval mode. A partial (not a bound method) copies and pickles with the module.
-    module.train = partial(_train_stays_eval, module)
+    # module in eval mode. A partial (not a bound method) copies and pickles with the module. Every module of the
+    # subtree is frozen too (freeze_tower locks whole subtrees), so one pass over it replaces the recursion.
+    module.train = partial(_train_stays_eval, module, tuple(module.modules()))
 
 
 def _unlock(module: nn.Module) -> None:

@@ -37,7 +37,7 @@ def tower_parameter_groups(
         raise ValueError(f"tower_learning_rate must be >= 0, got {tower_learning_rate}")
     decay_names = set(decay_parameter_names)
     groups = []
-    for tower in (True, False):
+    for tower in (False, True):
         for decay in (True, False):
             params = [
                 p for n, p in model.named_parameters()
@@ -48,5 +48,6 @@ def tower_parameter_groups(
                     "params": params,
                     "lr": tower_learning_rate if tower else learning_rate,
                     "weight_decay": weight_decay if decay else 0.0,
+                    "tower": tower,
                 })
     return groups

@@ -7,9 +7,13 @@ What it adds to `Trainer`:
 - `evaluate()` runs full-gallery retrieval on the eval split (unique images embedded once, every caption) and
   returns `eval_rsum`, `eval_i2t_r1`, ... (plus relevance-aware metrics when relevance labels are given), so that
   `metric_for_best_model="rsum"`, `load_best_model_at_end` and early stopping work.
-- a locked vision tower (`trainer_bcls.training.tower_freezing.freeze_tower`) runs once per distinct image: its pooled
-  outputs are cached (`trainer_bcls.training.locked_image_cache`, `cache_locked_image_features=True`, the default) and
-  passed to the model as `vision_pooled_output`; bypassed, with a warning, when the collator augments images.
+- locked and partly unlocked towers (`trainer_bcls.training.tower_freezing.freeze_tower`) run their frozen part once
+  per image and caption: `train()` first fills the lock-boundary caches (`trainer_bcls.training.feature_cache`,
+  `cache_locked_features=True`, the default; persisted in `feature_cache_dir`), the collator then stops decoding
+  and tokenising, and each step feeds the model `vision_pooled_output` / `text_pooled_output` (or runs only the
+  trainable tail on cached boundary states). Image caches are bypassed, with a warning, when the collator augments
+  images; a dataset without pair-view ids falls back to the per-step locked-image cache
+  (`trainer_bcls.training.locked_image_cache`).
 - `create_model_card` writes a `huggingface_hub.ModelCard` (base models, datasets, license, `model-index` with the
   eval split) rendered from the project's `model_card.md` Jinja template.
 """
@@ -29,6 +33,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoints import resolve_checkpoint
+from .feature_cache import FeatureCaches, build_feature_caches, cached_text_pooled, cached_vision_pooled
 from ..data.loaders import without_image_decoding
 from ..distributed import is_distributed
 from ..evaluation.split_evaluation import evaluate_retrieval
@@ -43,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i")
 MODEL_FEATURE_KEYS = (
-    "pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids", "vision_pooled_output"
+    "pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids", "vision_pooled_output",
+    "text_pooled_output",
 )
+TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 class BCLSTrainer(Trainer):
@@ -77,6 +84,7 @@ class BCLSTrainer(Trainer):
         self._batches_without_negatives: torch.Tensor | int = 0  # summed on the device: no sync per step
         self._batches_counted = 0
         self.locked_image_cache = LockedImageFeatureCache()
+        self.feature_caches = FeatureCaches()
         self._warned_cache_bypass = False
 
     # ------------------------------------------------------------------ train
@@ -97,7 +105,13 @@ class BCLSTrainer(Trainer):
         # "True"/"last" (as the command line gives them) → the newest complete checkpoint; half-written ones named
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
         self._batches_without_negatives, self._batches_counted = 0, 0
-        result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self._prepare_feature_caches()
+        collator = self.data_collator
+        try:
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            if hasattr(collator, "load_images"):
+                collator.load_images, collator.tokenize = True, True
         without = int(self._batches_without_negatives)
         if without:
             logger.warning(
@@ -107,6 +121,48 @@ class BCLSTrainer(Trainer):
                 self._batches_counted,
             )
         return result
+
+    def _prepare_feature_caches(self) -> None:
+        """Fill the lock-boundary caches of the frozen towers over the training split (`feature_cache`) and tell
+        the collator which inputs it no longer needs to build."""
+        args, collator = self.args, self.data_collator
+        self.feature_caches = FeatureCaches()
+        if not args.cache_locked_features or not isinstance(self.train_dataset, Dataset):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "vision_model") or self.processing_class is None:
+            return
+        cache_images = args.cache_locked_image_features
+        if cache_images and getattr(collator, "image_transform", None) is not None:
+            cache_images = False
+            if not any(p.requires_grad for p in model.vision_model.parameters()):
+                logger.warning(
+                    "The vision tower is locked but the collator augments images (image_transform): the image cache "
+                    "is bypassed and every step runs the tower."
+                )
+                self._warned_cache_bypass = True
+        self.feature_caches = build_feature_caches(
+            model,
+            self.train_dataset,
+            self.processing_class,
+            max_length=getattr(collator, "max_length", None),
+            cache_images=cache_images,
+            cache_text=True,
+            gradcache=args.embedding_chunk_size is not None,
+            autocast=self.accelerator.autocast,
+            precision=str(self.accelerator.mixed_precision),
+            cache_dir=args.feature_cache_dir,
+            max_gb=args.feature_cache_max_gb,
+            skip_invalid=getattr(collator, "skip_invalid", False),
+            batch_size=min(max(args.per_device_train_batch_size, 16), 128),
+            is_main_process=self.is_world_process_zero(),
+            fallback_dir=args.output_dir,
+            show_progress=self.is_world_process_zero() and not args.disable_tqdm,
+        )
+        if hasattr(collator, "load_images"):
+            collator.load_images = self.feature_caches.vision is None
+            collator.tokenize = self.feature_caches.text is None
+            collator.invalid_image_ids = frozenset(self.feature_caches.invalid_image_ids)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -145,6 +201,7 @@ class BCLSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        inputs = self._with_cached_features(model, inputs)
         inputs = self._with_locked_image_features(model, inputs)
         distributed = is_distributed() and self.args.gather_across_processes
         image_ids = inputs.get("image_ids")
@@ -162,9 +219,30 @@ class BCLSTrainer(Trainer):
         self._track_loss_parts(parts)
         return (loss, outputs) if return_outputs else loss
 
+    def _with_cached_features(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with the towers' inputs replaced by their pooled outputs from the lock-boundary caches."""
+        caches = self.feature_caches
+        if not caches or not model.training:
+            return inputs
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs = dict(inputs)
+        if caches.vision is not None:
+            inputs.pop("pixel_values", None)
+            inputs["vision_pooled_output"] = cached_vision_pooled(
+                unwrapped, caches.vision, inputs["image_ids"], self.accelerator.autocast
+            )
+        if caches.text is not None:
+            for key in TEXT_INPUT_KEYS:
+                inputs.pop(key, None)
+            inputs["text_pooled_output"] = cached_text_pooled(
+                unwrapped, caches.text, inputs["caption_ids"], self.accelerator.autocast
+            )
+        return inputs
+
     def _with_locked_image_features(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """`inputs` with `pixel_values` replaced by the cached pooled outputs of a locked vision tower."""
-        if not self.args.cache_locked_image_features or inputs.get("pixel_values") is None:
+        args = self.args
+        if not (args.cache_locked_features and args.cache_locked_image_features) or inputs.get("pixel_values") is None:
             return inputs
         unwrapped = self.accelerator.unwrap_model(model)
         tower = getattr(unwrapped, "vision_model", None)
@@ -216,7 +294,12 @@ class BCLSTrainer(Trainer):
         self._loss_parts_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the running means of the loss parts (averaged over processes) to the training logs."""
+        """Adds the running means of the loss parts (averaged over processes) to the training logs, and with
+        `tower_learning_rate` the towers' current rate as `tower_learning_rate` (`learning_rate` is the heads')."""
+        if "learning_rate" in logs and self.optimizer is not None:
+            tower_groups = [g for g in self.optimizer.param_groups if g.get("tower")]
+            if tower_groups:
+                logs["tower_learning_rate"] = tower_groups[0]["lr"]
         if "loss" in logs and self._loss_parts_count > 0:
             for key, total in self._loss_parts.items():
                 mean = total / self._loss_parts_count

@@ -23,9 +23,11 @@ class BCLSTrainingArguments(TrainingArguments):
       chunk, so the memory of a step is that of one chunk while the loss sees the whole batch.
     - `gather_across_processes`: with several processes, local queries are scored against the candidates of
       *all* processes (gathered with gradients), so the loss is the loss of the global batch.
-    - `cache_locked_image_features`: with a locked vision tower (`trainer_bcls.training.tower_freezing.freeze_tower`),
-      embed each distinct training image once and reuse its pooled output (`trainer_bcls.training.locked_image_cache`);
-      bypassed when the collator augments images.
+    - `cache_locked_features` (default True): the frozen part of a locked or partly unlocked tower runs once per
+      training image and caption (`trainer_bcls.training.feature_cache`); `cache_locked_image_features=False`
+      turns off the image side only (the former flag, kept); bypassed for images when the collator augments them.
+    - `feature_cache_dir`: persist those caches (safetensors + JSON manifest) so later runs start warm;
+      `feature_cache_max_gb`: above this size a cache is memory-mapped from disk instead of held in memory.
     - `eval_chunk_size`: query chunk of the chunked retrieval metrics (bounds evaluation memory).
     - `tower_learning_rate`: learning rate of the towers' trainable parameters (unlocked layers, or whole towers
       when fine-tuned); `None` uses `learning_rate` everywhere. The projections always use `learning_rate`
@@ -47,9 +49,25 @@ class BCLSTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Score local queries against the candidates of all processes (global-batch loss)."},
     )
+    cache_locked_features: bool = field(
+        default=True,
+        metadata={"help": "Locked or partly unlocked towers: run their frozen part once per training image and "
+                  "caption and cache its outputs (the lock-boundary caches); --no_cache_locked_features turns "
+                  "every cache off."},
+    )
     cache_locked_image_features: bool = field(
         default=True,
-        metadata={"help": "Locked vision tower: run it once per distinct training image and cache its outputs."},
+        metadata={"help": "The image side of cache_locked_features (False: images run the tower every step)."},
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Persist the lock-boundary caches in this folder (safetensors shards + JSON manifests), "
+                  "so that later runs with the same towers and data start warm."},
+    )
+    feature_cache_max_gb: float = field(
+        default=8.0,
+        metadata={"help": "A lock-boundary cache larger than this many GiB is memory-mapped from disk "
+                  "(feature_cache_dir, else <output_dir>/feature_cache) instead of held in memory."},
     )
     eval_chunk_size: int = field(default=1024, metadata={"help": "Query chunk size of the retrieval metrics."})
     tower_learning_rate: float | None = field(
@@ -62,5 +80,7 @@ class BCLSTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.embedding_chunk_size is not None and self.embedding_chunk_size < 1:
             raise ValueError(f"embedding_chunk_size must be a positive integer, got {self.embedding_chunk_size}")
+        if not (self.feature_cache_max_gb >= 0 and self.feature_cache_max_gb != float("inf")):
+            raise ValueError(f"feature_cache_max_gb must be a finite number >= 0, got {self.feature_cache_max_gb}")
         if self.tower_learning_rate is not None and self.tower_learning_rate < 0:
             raise ValueError(f"tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
