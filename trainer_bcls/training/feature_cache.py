@@ -277,27 +277,38 @@ def _check_boundary(model: nn.Module, kind: str, builder: _Builder, sample: Any,
     return ""
 
 
-def _share_and_compute(items: list[int], compute: Callable, batch_size: int, device, show_progress: bool = False,
-                       description: str = "") -> tuple[list[int], PackedRows | None]:
+def _share_and_compute(items: list[int], prepare: Callable, compute: Callable, batch_size: int, device,
+                       show_progress: bool = False, description: str = "") -> tuple[list[int], PackedRows | None]:
     """Compute rows for `items` split over the processes (process r takes items[r::W]), all-gathered.
-    `compute(chunk)` returns (rows, the items of `chunk` they belong to, in row order) or None.
-    Returns (the items in the gathered row order, their rows)."""
+    `prepare(chunk)` builds a batch's inputs (image decoding, preprocessing: run one batch ahead in a thread, which
+    PIL's decoding lets run beside the tower's forward); `compute(prepared)` returns (rows, the items they belong
+    to, in row order) or None. Returns (the items in the gathered row order, their rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     mine = items[rank::world]
     parts, kept = [], []
-    starts = range(0, len(mine), batch_size)
-    if show_progress and len(starts) > 1:
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+    progress = None
+    if show_progress and len(chunks) > 1:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=description, unit="batch")
-    for start in starts:
-        chunk = mine[start:start + batch_size]
-        result = compute(chunk)
-        if result is None:
-            continue
-        rows, chunk_kept = result
-        parts.append(rows)
-        kept += chunk_kept
+        progress = tqdm(total=len(chunks), desc=description, unit="batch")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            prepared = pending.result()
+            pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            result = compute(prepared)
+            if progress is not None:
+                progress.update()
+            if result is None:
+                continue
+            rows, chunk_kept = result
+            parts.append(rows)
+            kept += chunk_kept
+    if progress is not None:
+        progress.close()
     local = PackedRows.concat(parts) if parts else None
     if world == 1:
         return kept, local
@@ -391,22 +402,27 @@ def build_feature_caches(
         known = {key: row for row, key in enumerate(store.keys)} if store else {}
         missing = [i for i, key in enumerate(keys) if key not in known]
 
-        def compute(chunk: list[int]):
+        def prepare(chunk: list[int]):
             if kind == "vision":
                 pixel_values, kept = _image_batch(processor, [values[i] for i in chunk], [int(unique[i]) for i in chunk],
                                                   skip_invalid, caches.invalid_image_ids)
-                if pixel_values is None:
-                    return None
-                kept_items = [i for i in chunk if int(unique[i]) in set(kept)]
-                return builder.vision_rows(pixel_values), kept_items
+                kept = set(kept)
+                return pixel_values, [i for i in chunk if int(unique[i]) in kept]
             order = sorted(chunk, key=lambda i: len(values[i]))
-            return builder.text_rows([values[i] for i in order]), order
+            return [values[i] for i in order], order
+
+        def compute(prepared):
+            inputs, kept_items = prepared
+            if inputs is None:
+                return None
+            rows = builder.vision_rows(inputs) if kind == "vision" else builder.text_rows(inputs)
+            return rows, kept_items
 
         if kind == "text":  # batches of similar length: less padding in the head's forward
             missing.sort(key=lambda i: len(values[i]))
         started = time.perf_counter()
         computed_items, new_rows = _share_and_compute(
-            missing, compute, batch_size, device, show_progress, f"lock-boundary cache: {kind} {mode}")
+            missing, prepare, compute, batch_size, device, show_progress, f"lock-boundary cache: {kind} {mode}")
         seconds = time.perf_counter() - started
         if is_distributed():  # bad images found on any process
             found = [None] * torch.distributed.get_world_size()

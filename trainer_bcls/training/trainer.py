@@ -105,6 +105,7 @@ class BCLSTrainer(Trainer):
         # "True"/"last" (as the command line gives them) → the newest complete checkpoint; half-written ones named
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
         self._batches_without_negatives, self._batches_counted = 0, 0
+        self._trainable_parameters = None  # which parameters train is fixed for the run (see _clip_grad_norm)
         self._prepare_feature_caches()
         collator = self.data_collator
         try:
@@ -187,6 +188,21 @@ class BCLSTrainer(Trainer):
         )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """`Trainer._clip_grad_norm` over the trainable parameters only: a frozen tower's parameters never have a
+        gradient, and listing them walks every module of the tower at every step. (FSDP / DeepSpeed: unchanged.)"""
+        from accelerate.utils import DistributedType
+
+        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                      DistributedType.MULTI_GPU)
+        if not plain or self.args.max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        trainable = getattr(self, "_trainable_parameters", None)
+        if trainable is None or trainable[0] is not model:
+            trainable = (model, [p for p in model.parameters() if p.requires_grad])
+            self._trainable_parameters = trainable
+        return self.accelerator.clip_grad_norm_(trainable[1], self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ loss
     @property
