@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+
+# Float flags that must be finite (a NaN or infinite value would train NaN weights or fail far from the flag).
+FINITE_FLOAT_ARGUMENTS = (
+    "learning_rate", "tower_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "warmup_ratio", "label_smoothing_factor", "num_train_epochs",
+)
 
 
 @dataclass
@@ -62,5 +70,9 @@ class BCLSTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.embedding_chunk_size is not None and self.embedding_chunk_size < 1:
             raise ValueError(f"embedding_chunk_size must be a positive integer, got {self.embedding_chunk_size}")
-        if self.tower_learning_rate is not None and self.tower_learning_rate < 0:
-            raise ValueError(f"tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
+        for name in FINITE_FLOAT_ARGUMENTS:  # NaN passes `nan < 0`: check finiteness first, at start
+            value = getattr(self, name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
+        if self.tower_learning_rate is not None and not self.tower_learning_rate >= 0:
+            raise ValueError(f"--tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
