@@ -180,4 +180,8 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trainer_bcls.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -295,4 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trainer_bcls.cli import run_cli
+
+    sys.exit(run_cli(main, strip_debug=False))  # --debug is a TrainingArguments flag: BCLS_DEBUG=1 instead
