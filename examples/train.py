@@ -100,6 +100,12 @@ class DataArguments:
     image_column: str | None = field(default=None)
     caption_column: str | None = field(default=None)
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (count, log) bad rows instead of failing."})
+    allow_outside_paths: bool = field(
+        default=False, metadata={"help": "Accept image paths outside the dataset folder ('..', absolute paths)."}
+    )
+    merge_duplicate_images: bool = field(
+        default=False, metadata={"help": "Make byte-identical images one image with all their captions."}
+    )
     max_train_pairs: int | None = field(default=None, metadata={"help": "Truncate the training pairs."})
     relevance: str = field(default="tfidf", metadata={"help": "Continuous labels: sentence | tfidf | precomputed | none"})
     relevance_model: str | None = field(
@@ -212,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     loss_overrides = loss_args.overrides()  # checked before any data is loaded
 
     data = data_args.data or str(default_synthetic_dir())
+    data_file_options = dict(allow_outside_paths=data_args.allow_outside_paths,
+                             merge_duplicate_images=data_args.merge_duplicate_images)
     train_pairs = load_pairs(
-        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
+        **data_file_options,
     )
     all_train_pairs = train_pairs
     if data_args.max_train_pairs is not None:
@@ -221,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_pairs = None
     if data_args.eval_split and data_args.eval_split.lower() != "none":
         eval_pairs = load_pairs(
-            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
+            **data_file_options,
         )
         if same_rows(all_train_pairs, eval_pairs):
             raise ValueError(
