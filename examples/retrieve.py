@@ -6,7 +6,7 @@
     python examples/retrieve.py search --index gallery.idx --image photo.jpg --top_k 5
 
 `index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
-in batches and saves `embeddings.safetensors`, `index.json` and, with faiss installed, `index.faiss`; run it again
+in batches and saves `embeddings-<digest>.safetensors`, `index.faiss` (with faiss) and `index.json` in one step; run it again
 to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit:
 {"query", "rank", "path", "score"}.
 

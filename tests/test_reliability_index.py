@@ -287,11 +287,11 @@ def test_a_killed_build_resumes_where_it_stopped(model_dir, image_dir, tmp_path,
     monkeypatch.setattr(FolderSource, "load", killed_after_four)
     with pytest.raises(KeyboardInterrupt):
         build_index(model, source, tmp_path / "idx", batch_size=2, show_progress=False, checkpoint_seconds=0)
-    partial = RetrievalIndex.load(tmp_path / "idx")
-    assert len(partial) == 4  # two saved batches survived
+    partial = len(RetrievalIndex.load(tmp_path / "idx"))
+    assert partial in (2, 4)  # the first batch, and the second unless saving the first took longer than it
     monkeypatch.setattr(FolderSource, "load", real_load)
     index, report = build_index(model, source, tmp_path / "idx", batch_size=2, show_progress=False)
-    assert (report.added, report.already_indexed, report.total) == (3, 4, 7)
+    assert (report.added, report.already_indexed, report.total) == (7 - partial, partial, 7)
     fresh, _ = build_index(model, source, None, show_progress=False)
     torch.testing.assert_close(RetrievalIndex.load(tmp_path / "idx").embeddings, fresh.embeddings, atol=1e-6, rtol=0)
 
