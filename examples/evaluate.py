@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--caption_column", default=None)
+    parser.add_argument("--allow_outside_paths", action="store_true",
+                        help="Accept image paths outside the dataset folder ('..', absolute paths).")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="Skip (count, log) bad rows (missing/corrupt image, empty caption) instead of failing.")
     parser.add_argument("--relevance", default="tfidf", help="sentence | tfidf | precomputed | none")
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = prepare_for_inference(BCLSModel.from_pretrained(args.model), args.device, args.bf16)
     processor = BCLSProcessor.from_pretrained(args.model)
     data = args.dataset or str(default_synthetic_dir())
-    pairs = load_pairs(data, args.split, args.image_column, args.caption_column, skip_invalid=args.skip_invalid)
+    pairs = load_pairs(data, args.split, args.image_column, args.caption_column, skip_invalid=args.skip_invalid,
+                       allow_outside_paths=args.allow_outside_paths)
     relevance = build_relevance_labels(
         pairs, kind=args.relevance, model_name_or_path=args.relevance_model,
         embeddings_path=args.relevance_embeddings,
@@ -180,4 +183,8 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trainer_bcls.cli import run_cli
+
+    sys.exit(run_cli(main))

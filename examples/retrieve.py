@@ -6,7 +6,7 @@
     python examples/retrieve.py search --index gallery.idx --image photo.jpg --top_k 5
 
 `index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
-in batches and saves `embeddings.safetensors`, `index.json` and, with faiss installed, `index.faiss`; run it again
+in batches and saves `embeddings-<digest>.safetensors`, `index.faiss` (with faiss) and `index.json` in one step; run it again
 to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit:
 {"query", "rank", "path", "score"}.
 
@@ -29,13 +29,16 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer_bcls.cli import CliError, run_cli  # noqa: E402
 from trainer_bcls.data.errors import InvalidDataError  # noqa: E402
+from trainer_bcls.data.image_loading import MAX_IMAGE_PIXELS  # noqa: E402
 from trainer_bcls.evaluation.split_evaluation import encode_texts  # noqa: E402
 from trainer_bcls.retrieval.image_sources import FolderSource, open_image_source  # noqa: E402
 from trainer_bcls.retrieval.index import (  # noqa: E402
     RetrievalIndex,
     RetrievalModel,
     build_index,
+    check_output_folder,
     embed_image_queries,
     embed_text_queries,
 )
@@ -48,8 +51,28 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="Run the model in bfloat16 (embeddings stay float32).")
 
 
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+def _check_queries(args: argparse.Namespace) -> None:
+    for query in args.query:
+        if not query.strip():
+            raise CliError(f"--query {query!r} is empty: give the text to search for")
+
+
 def index_command(args: argparse.Namespace) -> dict:
-    source = open_image_source(args.images, args.split, args.image_column)
+    check_output_folder(args.output)  # before the gallery is embedded, not after
+    source = open_image_source(args.images, args.split, args.image_column, max_pixels=args.max_image_pixels)
     model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
     index, report = build_index(
         model, source, args.output, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
@@ -66,9 +89,16 @@ def index_command(args: argparse.Namespace) -> dict:
 
 def search_command(args: argparse.Namespace) -> list[dict]:
     if not args.query and not args.image:
-        raise SystemExit("search needs --query TEXT and/or --image PATH")
+        raise CliError("search needs --query TEXT and/or --image PATH")
+    _check_queries(args)
     index = RetrievalIndex.load(args.index)
-    model = RetrievalModel.from_pretrained(args.model or index.model_name, args.device, args.bf16)
+    try:
+        model = RetrievalModel.from_pretrained(args.model or index.model_name, args.device, args.bf16)
+    except FileNotFoundError as err:
+        if args.model:
+            raise
+        raise CliError(f"the model the index was built with, {index.model_name}, is gone ({err}); pass --model "
+                       "with the same weights") from err
     index.check_model(model.fingerprint, where=f"index {args.index}")
     queries, labels = [], []
     if args.query:
@@ -83,7 +113,7 @@ def search_command(args: argparse.Namespace) -> list[dict]:
     for label, hits in zip(labels, index.search(torch.cat(queries), args.top_k)):
         for hit in hits:
             row = {"query": label, "rank": hit.rank, "path": hit.path, "score": round(hit.score, 6)}
-            print(json.dumps(row, ensure_ascii=False))
+            print(json.dumps(row, ensure_ascii=False, allow_nan=False))
             rows.append(row)
     return rows
 
@@ -92,12 +122,13 @@ def one_off_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """Embed the folder for this call only (no index saved) and/or rank captions for one image."""
     if not ((args.images and args.query) or args.image):
         parser.error("give --images with --query (text→image), or --image with --captions (image→text)")
+    _check_queries(args)
     model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
     output: dict = {}
     if args.images and args.query:
         index, report = build_index(model, FolderSource(args.images), None, skip_invalid=True, show_progress=False)
         if len(index) == 0:
-            raise SystemExit(f"no readable images in {args.images}")
+            raise CliError(f"no readable images in {args.images}")
         if report.skipped:
             print(f"skipped {len(report.skipped)} unreadable file(s): {', '.join(k for k, _ in report.skipped)}",
                   file=sys.stderr)
@@ -136,7 +167,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     index.add_argument("--output", required=True, help="Index folder (created, or extended with new images).")
     index.add_argument("--split", default=None, help="Dataset split (default: the only one, else train).")
     index.add_argument("--image_column", default=None, help="Dataset image column (default: image / first Image).")
-    index.add_argument("--batch_size", type=int, default=64)
+    index.add_argument("--batch_size", type=_positive("--batch_size"), default=64)
+    index.add_argument("--max_image_pixels", type=_positive("--max_image_pixels"), default=MAX_IMAGE_PIXELS,
+                       help="Decode at most this many pixels per image (JPEGs at reduced scale, others refused); "
+                       f"default {MAX_IMAGE_PIXELS}.")
     index.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding images.")
     index.add_argument("--skip_invalid", action="store_true", help="Skip (and log) unreadable images, not fail.")
     index.add_argument("--no_progress", action="store_true", help="No progress bar.")
@@ -146,7 +180,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     search.add_argument("--index", required=True)
     search.add_argument("--query", action="append", default=[], help="Text query (repeatable).")
     search.add_argument("--image", action="append", default=[], help="Image query file (repeatable).")
-    search.add_argument("--top_k", type=int, default=10)
+    search.add_argument("--top_k", type=_positive("--top_k"), default=10)
     search.add_argument("--model", default=None, help="Default: the model recorded in the index.")
     _add_device_args(search)
 
@@ -157,7 +191,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     one_off.add_argument("--image", help="Image query (image→text).")
     one_off.add_argument("--captions", nargs="*", default=[], help="Candidate captions for --image.")
     one_off.add_argument("--captions_file", help="File with one candidate caption per line.")
-    one_off.add_argument("--top_k", type=int, default=5)
+    one_off.add_argument("--top_k", type=_positive("--top_k"), default=5)
     _add_device_args(one_off)
     return parser, one_off
 
@@ -175,9 +209,9 @@ def main(argv: list[str] | None = None):
             parser.print_help()
             raise SystemExit(0)
         return one_off_command(one_off.parse_args(argv), one_off)
-    except (InvalidDataError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except (InvalidDataError, OSError, ValueError) as err:
+        raise CliError(str(err)) from err
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -30,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
+from modeling_bcls.configuration_bcls import FLOAT_KNOB_RANGES, float_knob_problem  # noqa: E402
 from modeling_bcls.losses import resolve_objective  # noqa: E402
 from trainer_bcls import (  # noqa: E402
     BCLSDataCollator,
@@ -99,6 +100,12 @@ class DataArguments:
     image_column: str | None = field(default=None)
     caption_column: str | None = field(default=None)
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (count, log) bad rows instead of failing."})
+    allow_outside_paths: bool = field(
+        default=False, metadata={"help": "Accept image paths outside the dataset folder ('..', absolute paths)."}
+    )
+    merge_duplicate_images: bool = field(
+        default=False, metadata={"help": "Make byte-identical images one image with all their captions."}
+    )
     max_train_pairs: int | None = field(default=None, metadata={"help": "Truncate the training pairs."})
     relevance: str = field(default="tfidf", metadata={"help": "Continuous labels: sentence | tfidf | precomputed | none"})
     relevance_model: str | None = field(
@@ -137,7 +144,19 @@ class LossArguments:
                 raise ValueError(f"--objective {objective} contradicts --binary_loss {values['binary_loss']}")
             if kendall_weight == 0:
                 values["kendall_weight"] = 0.0
+        check_loss_overrides(values)
         return values
+
+
+def check_loss_overrides(values: dict) -> None:
+    """Range checks of the loss flags that were given (finite, in range), naming the flag; run at start, and
+    needed because overrides set on a loaded model's config bypass its own checks."""
+    for name, value in values.items():
+        problem = float_knob_problem(name, value) if name in FLOAT_KNOB_RANGES else None
+        if name == "kendall_window_size" and value < 1:
+            problem = f"kendall_window_size must be >= 1, got {value}"
+        if problem is not None:
+            raise ValueError(f"--{problem}")
 
 
 def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, train_pairs):
@@ -147,6 +166,7 @@ def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, 
         processor = BCLSProcessor.from_pretrained(model_args.model_name_or_path)
         for key, value in loss_overrides.items():
             setattr(model.config, key, value)
+        model.config.check_hyperparameters()  # setattr skips the config's range checks
     elif model_args.clip_model:
         model = BCLSModel.from_clip_pretrained(model_args.clip_model, **loss_overrides)
         processor = BCLSProcessor.from_pretrained(model_args.clip_model)
@@ -195,10 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    loss_overrides = loss_args.overrides()  # checked before any data is loaded
 
     data = data_args.data or str(default_synthetic_dir())
+    data_file_options = dict(allow_outside_paths=data_args.allow_outside_paths,
+                             merge_duplicate_images=data_args.merge_duplicate_images)
     train_pairs = load_pairs(
-        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
+        **data_file_options,
     )
     all_train_pairs = train_pairs
     if data_args.max_train_pairs is not None:
@@ -206,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_pairs = None
     if data_args.eval_split and data_args.eval_split.lower() != "none":
         eval_pairs = load_pairs(
-            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid
+            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
+            **data_file_options,
         )
         if same_rows(all_train_pairs, eval_pairs):
             raise ValueError(
@@ -220,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.load_best_model_at_end = False
     logger.info("data %s: %d training pairs, %s eval pairs", data, len(train_pairs), eval_pairs and len(eval_pairs))
 
-    model, processor = build_model_and_processor(model_args, loss_args.overrides(), train_pairs)
+    model, processor = build_model_and_processor(model_args, loss_overrides, train_pairs)
     freeze_towers(
         model,
         freeze_vision_model=model_args.freeze_vision_model,
@@ -280,4 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trainer_bcls.cli import run_cli
+
+    sys.exit(run_cli(main, strip_debug=False))  # --debug is a TrainingArguments flag: BCLS_DEBUG=1 instead

@@ -8,6 +8,7 @@ cosine similarity. The loss hyperparameters live in the config so that a saved m
 This file is copied next to saved checkpoints (remote code): it imports only transformers / huggingface_hub / stdlib.
 """
 
+import math
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
@@ -31,6 +32,30 @@ LOSS_KWARG_NAMES = (
     "kendall_hard_mining",
     "infonce_temperature",
 )
+
+# Float knobs and their ranges: name -> (lowest value, whether the lowest value itself is allowed).
+FLOAT_KNOB_RANGES = {
+    "logit_scale": (0.0, False),
+    "soft_negative_temperature": (0.0, False),
+    "kendall_temperature": (0.0, False),
+    "infonce_temperature": (0.0, False),
+    "margin": (0.0, True),
+    "kendall_weight": (0.0, True),
+    "kendall_label_gap": (0.0, True),
+}
+
+
+def float_knob_problem(name: str, value: Any) -> str | None:
+    """Why `value` is not valid for the float knob `name` (finite and in range), or `None` when it is."""
+    low, inclusive = FLOAT_KNOB_RANGES[name]
+    bound = f">= {low:g}" if inclusive else f"> {low:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number {bound}, got {value!r}"
+    if not math.isfinite(value):
+        return f"{name} must be a finite number {bound}, got {value}"  # NaN passes `nan < 0`, so test finiteness first
+    if value < low or (value == low and not inclusive):
+        return f"{name} must be {bound}, got {value}"
+    return None
 
 
 @strict
@@ -152,19 +177,19 @@ class BCLSConfig(PreTrainedConfig):
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
         if self.projection_hidden_dim is not None and self.projection_hidden_dim < 1:
             raise ValueError(f"projection_hidden_dim must be None (linear) or >= 1, got {self.projection_hidden_dim}")
-        if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        for name in ("soft_negative_temperature", "kendall_temperature", "infonce_temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("margin", "kendall_weight", "kendall_label_gap"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in FLOAT_KNOB_RANGES:
+            problem = float_knob_problem(name, getattr(self, name))
+            if problem is not None:
+                raise ValueError(problem)
         if self.kendall_window_size is not None and self.kendall_window_size < 1:
             raise ValueError(
                 f"kendall_window_size must be None (unbounded) or >= 1, "
                 f"got {self.kendall_window_size}"
             )
+
+    def check_hyperparameters(self) -> None:
+        """Run the range checks again, e.g. after fields were set on a loaded config (`setattr` skips them)."""
+        self.validate_bcls_hyperparameters()
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `losses.bcls_loss` that come from the config (all of them but the tensors)."""
@@ -181,4 +206,4 @@ class BCLSConfig(PreTrainedConfig):
         return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
 
-__all__ = ["BCLSConfig"]
+__all__ = ["BCLSConfig", "FLOAT_KNOB_RANGES", "float_knob_problem"]

@@ -27,6 +27,7 @@ from trainer_bcls.retrieval.index import (
     build_index,
     faiss_available,
     model_fingerprint,
+    stored_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def test_faiss_and_exact_search_agree(tmp_path):
     faiss_index = RetrievalIndex(embeddings, paths, "m", "sha256:x", use_faiss=True)
     exact = RetrievalIndex(embeddings, paths, "m", "sha256:x", use_faiss=False)
     faiss_index.save(tmp_path / "idx")
-    assert (tmp_path / "idx" / FAISS_FILE).is_file()
+    assert stored_file(tmp_path / "idx", "faiss").is_file()
     reloaded = RetrievalIndex.load(tmp_path / "idx")
     assert reloaded.backend == "faiss" and reloaded._faiss_index is not None  # read from index.faiss
     brute = queries @ embeddings.T
@@ -231,9 +232,10 @@ def test_index_without_faiss_drops_a_stale_faiss_file(tmp_path, monkeypatch):
 def test_damaged_index_is_a_clear_error(tmp_path):
     index = RetrievalIndex(torch.nn.functional.normalize(torch.randn(5, 8), dim=1), list("abcde"), "m", "sha256:x")
     index.save(tmp_path / "idx")
-    data = (tmp_path / "idx" / EMBEDDINGS_FILE).read_bytes()
-    (tmp_path / "idx" / EMBEDDINGS_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=EMBEDDINGS_FILE):
+    embeddings_file = stored_file(tmp_path / "idx", "embeddings")
+    data = embeddings_file.read_bytes()
+    embeddings_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=embeddings_file.name):
         RetrievalIndex.load(tmp_path / "idx")
     with pytest.raises(FileNotFoundError, match="not a retrieval index"):
         RetrievalIndex.load(tmp_path)

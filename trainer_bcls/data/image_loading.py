@@ -3,11 +3,17 @@
 A row's image may be a decoded ``PIL.Image`` (``datasets.Image()``), the undecoded ``{"path", "bytes"}`` dict
 (``datasets.Image(decode=False)``), a path, raw bytes or an ``np.ndarray``. Decoding follows ``datasets.Image``
 (EXIF orientation applied) and always ends in 8-bit RGB (:func:`to_rgb`).
+
+Decoded size is bounded: an image of more than ``max_pixels`` pixels (default :data:`MAX_IMAGE_PIXELS`, 32 M, or
+``$BCLS_MAX_IMAGE_PIXELS``) is decoded at 1/2, 1/4 or 1/8 scale when it is a JPEG (draft mode), else refused with an
+error naming the file, so that a small compressed file cannot take gigabytes. A path that is not a regular file
+(a named pipe, a device, a folder) is refused before it is opened.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import Any
 
@@ -16,6 +22,8 @@ import PIL.Image
 import PIL.ImageOps
 
 from .errors import InvalidDataError
+
+MAX_IMAGE_PIXELS = int(os.environ.get("BCLS_MAX_IMAGE_PIXELS", 32_000_000))  # ~96 MB as RGB; PIL warns at 89 M
 
 # What PIL raises on unreadable, truncated or corrupt files.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
@@ -72,6 +80,37 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the decoding bound allows."""
+
+
+def _regular_file(path: str | os.PathLike) -> str | os.PathLike:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a regular file: {os.fspath(path)}" if os.path.exists(path) else
+                                f"no such file: {os.fspath(path)}")
+    return path
+
+
+def bound_pixels(image: PIL.Image.Image, max_pixels: int | None) -> PIL.Image.Image:
+    """Make a lazily opened ``image`` decode to at most ``max_pixels`` pixels: JPEG draft mode at 1/2..1/8 scale,
+    else :class:`ImageTooLargeError` (raised before any pixel is decoded)."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return image
+    if image.format == "JPEG":
+        for scale in (2, 4, 8):
+            if math.ceil(width / scale) * math.ceil(height / scale) <= max_pixels:
+                image.draft(image.mode if image.mode in ("RGB", "L") else "RGB",
+                            (math.ceil(width / scale), math.ceil(height / scale)))
+                if image.size[0] * image.size[1] <= max_pixels:
+                    return image
+                break
+    raise ImageTooLargeError(
+        f"{width} x {height} = {width * height} pixels exceeds the decoding bound of {max_pixels} "
+        "(--max_image_pixels, or $BCLS_MAX_IMAGE_PIXELS)"
+    )
+
+
 def _open(value: Any) -> PIL.Image.Image:
     if isinstance(value, PIL.Image.Image):
         return value
@@ -83,20 +122,23 @@ def _open(value: Any) -> PIL.Image.Image:
         if value.get("bytes") is not None:
             return PIL.Image.open(io.BytesIO(value["bytes"]))
         if value.get("path"):
-            return PIL.Image.open(value["path"])
+            return PIL.Image.open(_regular_file(value["path"]))
         raise ValueError("image value has neither 'bytes' nor 'path'")
     if isinstance(value, (str, os.PathLike)):
-        return PIL.Image.open(value)
+        return PIL.Image.open(_regular_file(value))
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
-def load_image(value: Any, *, where: str = "") -> PIL.Image.Image:
+def load_image(value: Any, *, where: str = "", max_pixels: int | None = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Decode ``value`` into an RGB image; raise :class:`ImageLoadError` naming the file and ``where`` (the row).
 
-    Decoding happens here (``Image.load()``), so truncated or corrupt files fail at this call, not later.
+    Decoding happens here (``Image.load()``), so truncated or corrupt files fail at this call, not later; at most
+    ``max_pixels`` pixels are decoded (:func:`bound_pixels`; ``None``: no bound).
     """
     try:
         image = _open(value)
+        if not isinstance(value, PIL.Image.Image):
+            image = bound_pixels(image, max_pixels)
         image.load()
         if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
             image = PIL.ImageOps.exif_transpose(image)
@@ -117,6 +159,7 @@ def check_image(value: Any) -> str | None:
         if isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
             return "file not found"
         with _open(value) as image:
+            bound_pixels(image, MAX_IMAGE_PIXELS)  # what `load_image` would refuse
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()

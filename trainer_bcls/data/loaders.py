@@ -37,6 +37,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy
+from .duplicates import duplicate_groups, shared_captions
 from .errors import InvalidDataError, SkipReport
 from .image_loading import describe_image, find_unreadable_images
 
@@ -85,14 +86,67 @@ class _ImageEntry:
 # validation and pair-view construction shared by all loaders
 
 
+def _outside_root(path: str, roots: Sequence[os.PathLike | str]) -> bool:
+    """Whether `path` (after `..` and absolute parts are resolved lexically) lies outside every one of `roots`.
+    Symbolic links inside a root are followed as the user laid them out."""
+    target = os.path.abspath(path)
+    return not any(os.path.commonpath([os.path.abspath(root), target]) == os.path.abspath(root) for root in roots)
+
+
+def _check_inside(report: SkipReport, skip_invalid: bool, where: str, path: str, roots, allow: bool) -> bool:
+    """False (error raised, or skip counted) when `path` points outside the dataset folder and that is not allowed."""
+    if allow or not _outside_root(path, roots):
+        return True
+    report.handle(
+        skip_invalid, "image outside the dataset folder",
+        f"{where}: image path {path} is outside the dataset folder {os.path.abspath(roots[0])} (pass "
+        "allow_outside_paths=True / --allow_outside_paths if that is intended)", where,
+    )  # fmt: skip
+    return False
+
+
+def _report_duplicates(
+    kept: list[tuple[_ImageEntry, list[str]]], values: list[Any] | None, merge: bool
+) -> list[tuple[_ImageEntry, list[str]]]:
+    """Warn about byte-identical images (`values`: their image values; `None`: not checked) and captions shared by
+    several images; with `merge`, each group of identical images becomes one image with all their captions."""
+    groups = duplicate_groups(values) if values is not None else []
+    if groups:
+        copies = sum(len(g) - 1 for g in groups)
+        examples = "; ".join(" = ".join(kept[i][0].filename for i in g[:3]) for g in groups[:3])
+        if merge:
+            drop = {i for g in groups for i in g[1:]}
+            for group in groups:
+                for i in group[1:]:
+                    kept[group[0]][1].extend(kept[i][1])
+            kept = [item for i, item in enumerate(kept) if i not in drop]
+            logger.warning("merged %d byte-identical image(s) into %d image(s) (e.g. %s)", copies + len(groups),
+                           len(groups), examples)
+        else:
+            logger.warning(
+                "%d image(s) are byte-identical copies of another (%d group(s), e.g. %s): the losses treat them as "
+                "negatives of each other; merge_duplicate_images=True (--merge_duplicate_images) makes each group "
+                "one image", copies, len(groups), examples,
+            )  # fmt: skip
+    shared = shared_captions([captions for _, captions in kept])
+    if shared:
+        top = sorted(shared.items(), key=lambda item: -item[1])[:3]
+        logger.warning(
+            "%d caption text(s) describe several images (e.g. %s): the binary loss pushes identical captions of "
+            "different images apart", len(shared), "; ".join(f"{text!r:.60} x {n} images" for text, n in top),
+        )  # fmt: skip
+    return kept
+
+
 def _validate_entries(
     entries: list[_ImageEntry],
     report: SkipReport,
     skip_invalid: bool,
     check_images: bool | None,
     image_value=lambda e: e.value,
+    merge_duplicates: bool = False,
 ) -> list[tuple[_ImageEntry, list[str]]]:
-    """Check captions and image files; return the kept entries with their cleaned captions."""
+    """Check captions and image files, report duplicates; return the kept entries with their cleaned captions."""
     kept: list[tuple[_ImageEntry, list[str]]] = []
     for entry in entries:
         captions: list[str] = []
@@ -138,7 +192,9 @@ def _validate_entries(
         kept = [item for i, item in enumerate(kept) if i not in bad]
     if not kept:
         raise InvalidDataError("no valid image-caption pair left" + (f" (skipped: {report.as_dict()})" if report.total else ""))
-    return kept
+    # the byte digests read every file again: done when the images are checked (or duplicates are to be merged)
+    values = [image_value(e) for e, _ in kept] if check_images or merge_duplicates else None
+    return _report_duplicates(kept, values, merge_duplicates)
 
 
 def _pair_columns(kept: list[tuple[_ImageEntry, list[str]]]) -> dict[str, list]:
@@ -224,6 +280,8 @@ def load_karpathy(
     image_root: str | os.PathLike | None = None,
     skip_invalid: bool = False,
     check_images: bool | None = None,
+    allow_outside_paths: bool = False,
+    merge_duplicate_images: bool = False,
 ) -> Dataset:
     """Pair view of a Karpathy-layout split.
 
@@ -235,6 +293,8 @@ def load_karpathy(
             An entry's image is ``image_root / entry.get("filepath", "") / entry["filename"]`` (COCO has ``filepath``).
         skip_invalid: skip (count, log) bad entries instead of raising :class:`InvalidDataError`.
         check_images: decode every image up front (``None``: only for splits of ≤ ``AUTO_CHECK_MAX_IMAGES`` images).
+        allow_outside_paths: accept images outside ``image_root`` and the json folder (``..``, absolute paths).
+        merge_duplicate_images: byte-identical images become one image with all their captions (else a warning).
     """
     json_path = _find_karpathy_json(Path(path))
     with open(json_path, encoding="utf-8") as f:
@@ -296,9 +356,11 @@ def load_karpathy(
         seen_files[rel] = idx
         if "imgid" in e:
             seen_imgids[e["imgid"]] = idx
-        path_str = str(root / rel)
+        path_str = os.path.normpath(root / rel)
+        if not _check_inside(report, skip_invalid, where, path_str, [root, json_path.parent], allow_outside_paths):
+            continue
         entries.append(_ImageEntry(filename=rel, captions=captions, where=where, value=path_str, path=path_str))
-    kept = _validate_entries(entries, report, skip_invalid, check_images)
+    kept = _validate_entries(entries, report, skip_invalid, check_images, merge_duplicates=merge_duplicate_images)
     return _finish(kept, report, f"load_karpathy({json_path.name}, {sorted(splits)})", _pairs_from_paths)
 
 
@@ -383,6 +445,8 @@ def load_imagefolder(
     caption_column: str | Sequence[str] | None = None,
     skip_invalid: bool = False,
     check_images: bool | None = None,
+    allow_outside_paths: bool = False,
+    merge_duplicate_images: bool = False,
 ) -> Dataset:
     """Pair view of an HF-imagefolder-style folder with ``metadata.jsonl`` or ``metadata.csv``.
 
@@ -392,6 +456,8 @@ def load_imagefolder(
     columns (a list of columns contributes one caption each). Each ``file_name`` must appear once.
     Split lookup: ``<path>/<split>/metadata.*`` (``val``/``validation`` aliases), else ``<path>/metadata.*`` filtered by
     its ``split`` column if it has one; a flat folder without a split column is the ``"train"`` split.
+    A ``file_name`` outside ``path`` (``..``, an absolute path) is an error unless ``allow_outside_paths``;
+    ``merge_duplicate_images``: see :func:`load_karpathy`.
     """
     root = Path(path)
     meta = None
@@ -441,9 +507,11 @@ def load_imagefolder(
             continue
         seen[key] = line_no
         captions = [c for col in columns for c in _as_caption_list(row.get(col))]
-        path_str = str(meta.parent / file_name)
+        path_str = os.path.normpath(meta.parent / file_name)
+        if not _check_inside(report, skip_invalid, where, path_str, [root], allow_outside_paths):
+            continue
         entries.append(_ImageEntry(filename=file_name, captions=captions, where=where, value=path_str, path=path_str))
-    kept = _validate_entries(entries, report, skip_invalid, check_images)
+    kept = _validate_entries(entries, report, skip_invalid, check_images, merge_duplicates=merge_duplicate_images)
     return _finish(kept, report, f"load_imagefolder({meta})", _pairs_from_paths)
 
 
@@ -504,6 +572,7 @@ def load_hf_dataset(
     image_id_column: str | None = None,
     skip_invalid: bool = False,
     check_images: bool | None = None,
+    merge_duplicate_images: bool = False,
     **load_kwargs,
 ) -> Dataset:
     """Pair view of an image-level dataset: a ``Dataset``/``DatasetDict``, a ``save_to_disk`` folder or a Hub id
@@ -580,7 +649,8 @@ def load_hf_dataset(
 
     report = SkipReport()
     kept = _validate_entries(
-        entries, report, skip_invalid, check_images, image_value=lambda e: undecoded[int(e.value)][image_column]
+        entries, report, skip_invalid, check_images, image_value=lambda e: undecoded[int(e.value)][image_column],
+        merge_duplicates=merge_duplicate_images,
     )
     return _finish(kept, report, f"load_hf_dataset({where})", lambda k: _pairs_from_source(k, dataset, image_column))
 
@@ -597,6 +667,8 @@ def load_pairs(
     skip_invalid: bool = False,
     check_images: bool | None = None,
     image_id_column: str | None = None,
+    allow_outside_paths: bool = False,
+    merge_duplicate_images: bool = False,
     **kwargs,
 ) -> Dataset:
     """Pair view of ``split`` of ``data``, dispatching on what ``data`` is:
@@ -609,9 +681,11 @@ def load_pairs(
     - any other string → ``datasets.load_dataset(data, split=split, **kwargs)`` on the Hub (needs network).
 
     ``image_column``/``caption_column``/``image_id_column``: see :func:`load_hf_dataset` (``caption_column`` also
-    applies to imagefolder metadata).
+    applies to imagefolder metadata). ``allow_outside_paths`` (Karpathy, imagefolder): accept image paths outside
+    the dataset folder; ``merge_duplicate_images``: byte-identical images become one image id.
     """
-    common = dict(skip_invalid=skip_invalid, check_images=check_images)
+    common = dict(skip_invalid=skip_invalid, check_images=check_images, merge_duplicate_images=merge_duplicate_images)
+    files = dict(allow_outside_paths=allow_outside_paths)
     hf = dict(image_column=image_column, caption_column=caption_column, image_id_column=image_id_column, **common)
     if isinstance(data, (Dataset, DatasetDict)):
         return load_hf_dataset(data, split, **hf)
@@ -623,7 +697,7 @@ def load_pairs(
                 "Karpathy-layout data has fixed columns (filename, sentences[].raw): drop image_column/caption_column/"
                 "image_id_column"
             )
-        return load_karpathy(path, split, **common, **kwargs)
+        return load_karpathy(path, split, **common, **files, **kwargs)
     if path.is_file():
         raise ValueError(f"unsupported data file {path}: expected a Karpathy dataset_*.json")
     if path.is_dir():
@@ -634,7 +708,7 @@ def load_pairs(
                 raise ValueError("imagefolder data takes one split name")
             if image_column not in (None, "file_name") or image_id_column is not None:
                 raise ValueError("imagefolder data has one row per image named in 'file_name': drop image_column/image_id_column")
-            return load_imagefolder(path, split, caption_column=caption_column, **common)
+            return load_imagefolder(path, split, caption_column=caption_column, **common, **files)
         if _is_saved_dataset(path):
             return load_hf_dataset(path, split, **hf)
         if not isinstance(split, str):

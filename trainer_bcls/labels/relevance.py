@@ -101,6 +101,24 @@ class RelevanceLabels:
         self.embedder_key = embedder_key
         self.num_encoded = num_encoded
         self.cache_path = cache_path
+        self.warn_if_no_signal()
+
+    def warn_if_no_signal(self, sample: int = 512) -> bool:
+        """Warn (and return True) when the labels of a sample of captions are all equal: every negative then has
+        the positive's relevance, and the Kendall term is 0 at every step (e.g. all captions alike)."""
+        count = self.embeddings.shape[0]
+        if count < 2:
+            return False
+        ids = np.unique(np.linspace(0, count - 1, num=min(sample, count)).astype(np.int64))
+        sim = self._similarity(ids, ids)
+        spread = float(np.nanmax(sim) - np.nanmin(sim)) if sim.size else 0.0
+        if spread > 1e-6:
+            return False
+        logger.warning(
+            "the relevance labels carry no signal: all %d sampled caption pairs have relevance %.3g (are all captions "
+            "alike?); the Kendall term will be 0 at every step", sim.size, float(sim.flat[0]),
+        )  # fmt: skip
+        return True
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat as stat_module
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 
-from ..data.image_loading import load_image
+from ..data.image_loading import MAX_IMAGE_PIXELS, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class ImageSource:
 
     keys: list[str]
     name: str
+    max_pixels: int | None = MAX_IMAGE_PIXELS  # decoded pixels per image (see `load_image`)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -44,40 +46,59 @@ class ImageSource:
         raise NotImplementedError
 
 
-class FolderSource(ImageSource):
-    """Every file with an image suffix under `root`, subfolders included (hidden folders and files skipped),
-    keyed by absolute path, in sorted order."""
+def file_stamp(path: str | os.PathLike) -> str | None:
+    """`size:mtime_ns:sha256:<hex>` of a regular file (`None` if it is missing or not a regular file): the digest
+    of the bytes detects a file replaced by another of the same size and mtime."""
+    try:
+        stat = os.stat(path)
+        if not stat_module.S_ISREG(stat.st_mode):
+            return None
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}:sha256:{digest.hexdigest()}"
 
-    def __init__(self, root: str | os.PathLike) -> None:
+
+class FolderSource(ImageSource):
+    """Every regular file with an image suffix under `root`, subfolders included (hidden folders and files
+    skipped; named pipes, sockets and devices skipped and counted, never opened), keyed by absolute path, sorted."""
+
+    def __init__(self, root: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
         self.root = Path(root).resolve()
         self.name = str(root)
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        keys, ignored = [], 0
+        keys, ignored, special = [], 0, []
         for folder, subfolders, files in os.walk(self.root):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             for name in sorted(files):
                 if name.startswith("."):
                     continue
-                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                    keys.append(os.path.join(folder, name))
-                else:
+                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                     ignored += 1
+                elif not os.path.isfile(os.path.join(folder, name)):  # a FIFO would block the reader forever
+                    special.append(os.path.join(folder, name))
+                else:
+                    keys.append(os.path.join(folder, name))
         self.keys = sorted(keys)
         if ignored:
             logger.info("%s: ignored %d file(s) without an image suffix (%s)", root, ignored,
                         ", ".join(sorted(IMAGE_SUFFIXES)))
+        if special:
+            logger.warning("%s: skipped %d entr%s that are not regular files (pipes, sockets, devices, broken links): "
+                           "%s", root, len(special), "y" if len(special) == 1 else "ies", ", ".join(special[:5]))
+        self.special = special
 
     def load(self, position: int) -> PIL.Image.Image:
-        return load_image(self.keys[position])
+        return load_image(self.keys[position], max_pixels=self.max_pixels)
 
     def stamp(self, position: int) -> str | None:
-        """`size:mtime_ns` of the file (`None` if it vanished since the walk)."""
-        try:
-            stat = os.stat(self.keys[position])
-        except OSError:
-            return None
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
+        """`size:mtime_ns:sha256:<hex>` of the file (`None` if it vanished since the walk)."""
+        return file_stamp(self.keys[position])
 
     def covers(self, key: str) -> bool:
         return key.startswith(str(self.root) + os.sep)
@@ -103,21 +124,16 @@ class DatasetSource(ImageSource):
         self.keys = [f"{self.prefix}{row}" for row in range(len(dataset))]
 
     def load(self, position: int) -> PIL.Image.Image:
-        return load_image(self.dataset[position][self.image_column], where=self.keys[position])
+        return load_image(self.dataset[position][self.image_column], where=self.keys[position],
+                          max_pixels=self.max_pixels)
 
     def stamp(self, position: int) -> str | None:
-        """sha1 of the stored image bytes, or `size:mtime_ns` of the file a row points to."""
+        """sha1 of the stored image bytes, or [`file_stamp`] of the file a row points to."""
         value = self.dataset[position][self.image_column]
         if isinstance(value, dict) and value.get("bytes") is not None:
             return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest()
         path = value.get("path") if isinstance(value, dict) else value
-        if isinstance(path, str):
-            try:
-                stat = os.stat(path)
-            except OSError:
-                return None
-            return f"{stat.st_size}:{stat.st_mtime_ns}"
-        return None
+        return file_stamp(path) if isinstance(path, str) else None
 
     def covers(self, key: str) -> bool:
         return key.startswith(self.prefix) and key[len(self.prefix) :].isdigit()
@@ -128,7 +144,8 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES)
 
 
-def open_image_source(images: str | os.PathLike, split: str | None = None, image_column: str | None = None):
+def open_image_source(images: str | os.PathLike, split: str | None = None, image_column: str | None = None,
+                      max_pixels: int | None = MAX_IMAGE_PIXELS):
     """A folder of images (walked recursively), a `save_to_disk` folder, or else a Hub dataset id.
 
     `split` picks a split of a `DatasetDict` or Hub dataset (default: the only split, else `train`); a plain saved
@@ -138,7 +155,7 @@ def open_image_source(images: str | os.PathLike, split: str | None = None, image
     if path.is_dir() and not is_saved_dataset(path):
         if split is not None or image_column is not None:
             raise ValueError(f"{images} is a folder of image files: --split / --image_column apply to datasets only")
-        return FolderSource(path)
+        return FolderSource(path, max_pixels)
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     if path.is_dir():
@@ -167,4 +184,6 @@ def open_image_source(images: str | os.PathLike, split: str | None = None, image
         raise ValueError(f"{images} is a saved Dataset without splits: drop --split {split}")
     if not isinstance(dataset, Dataset):
         raise TypeError(f"expected a datasets.Dataset in {images}, got {type(dataset).__name__}")
-    return DatasetSource(dataset, name, split, image_column)
+    source = DatasetSource(dataset, name, split, image_column)
+    source.max_pixels = max_pixels
+    return source

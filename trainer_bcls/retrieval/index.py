@@ -2,11 +2,17 @@
 
 An index folder holds
 
-- `embeddings.safetensors`: one tensor `embeddings`, float32 [N, D], row i = `model.encode_image` of `paths[i]`
-  (L2-normalised, so the inner product is the cosine similarity, the model's retrieval score);
-- `index.json`: `paths` (sorted) with their change `stamps`, the model name and fingerprint (sha256 of its
-  weights), `dim`, `normalized`, `bf16` (the precision the images were embedded in);
-- `index.faiss`: a FAISS `IndexFlatIP` over the same rows, written when `faiss` is importable.
+- `embeddings-<digest>.safetensors`: one tensor `embeddings`, float32 [N, D], row i = `model.encode_image` of
+  `paths[i]` (L2-normalised, so the inner product is the cosine similarity, the model's retrieval score; finite);
+- `index-<digest>.faiss`: a FAISS `IndexFlatIP` over the same rows, written when `faiss` is importable;
+- `index.json`, the manifest: `paths` (sorted) with their change `stamps`, the model name and fingerprint (sha256
+  of its weights), `dim`, `normalized`, `bf16` (the precision the images were embedded in), and under `files` the
+  names, sizes and sha256 digests of the two files above.
+
+A save writes new files under new names, then replaces `index.json` (one `os.replace`, the commit), then deletes
+files no manifest names; a crash at any point leaves the previous or the new index, never a mix. A load checks that
+the embeddings file is the one the manifest names (digest, count, dim); an `index.faiss` that does not belong is
+rebuilt in memory from the embeddings. Version-1 folders (fixed file names) still load.
 
 Search returns, per query q, the top k rows by s_i = <q, e_i>: FAISS when available, otherwise an exact torch
 matrix product with the same results. Indexing into an existing folder embeds only keys it does not hold yet and
@@ -17,12 +23,15 @@ incremental build equals a one-shot build.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +48,31 @@ from .inference_device import prepare_for_inference
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "bcls-retrieval-index"
-INDEX_VERSION = 1
-EMBEDDINGS_FILE = "embeddings.safetensors"
+INDEX_VERSION = 2
+EMBEDDINGS_FILE = "embeddings.safetensors"  # version 1 name; version 2 names files by digest (see `stored_file`)
 METADATA_FILE = "index.json"
 FAISS_FILE = "index.faiss"
+_REQUIRED_KEYS = ("model", "model_fingerprint", "dim", "count", "paths")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stored_file(folder: str | os.PathLike, kind: str) -> Path | None:
+    """The `kind` file (`"embeddings"` or `"faiss"`) that `folder`'s manifest names (`None`: none recorded)."""
+    folder = Path(folder)
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    if metadata.get("version", 1) < 2:
+        path = folder / (EMBEDDINGS_FILE if kind == "embeddings" else FAISS_FILE)
+        return path if path.exists() else None
+    entry = (metadata.get("files") or {}).get(kind)
+    return folder / entry["name"] if entry else None
 
 
 def faiss_available() -> bool:
@@ -78,6 +108,9 @@ class RetrievalModel:
         from modeling_bcls import BCLSModel, BCLSProcessor
 
         name = str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
+        text = str(name_or_path)
+        if not Path(text).exists() and (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1):
+            raise FileNotFoundError(f"model folder not found: {text}")  # not a Hub id either
         model = BCLSModel.from_pretrained(name_or_path)
         return cls.from_model(model, BCLSProcessor.from_pretrained(name_or_path), name, device, bf16)
 
@@ -118,8 +151,8 @@ class RetrievalIndex:
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
             raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} do not match {len(paths)} paths")
-        if len(set(paths)) != len(paths):
-            raise ValueError("duplicate paths in the index")
+        _check_unique(paths)
+        _check_finite(embeddings, paths)
         stamps = [None] * len(paths) if stamps is None else list(stamps)
         if len(stamps) != len(paths):
             raise ValueError(f"{len(stamps)} stamps for {len(paths)} paths")
@@ -159,8 +192,14 @@ class RetrievalIndex:
         known = set(self.paths)
         duplicates = [p for p in paths if p in known]
         if duplicates:
-            raise ValueError(f"{len(duplicates)} path(s) already indexed, e.g. {duplicates[0]}")
-        embeddings = torch.as_tensor(embeddings, dtype=torch.float32).reshape(-1, self.dim)
+            raise ValueError(f"{len(duplicates)} path(s) already indexed: {', '.join(duplicates[:5])}")
+        _check_unique(paths)
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(paths) or (len(paths) and embeddings.shape[1] != self.dim):
+            raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} for {len(paths)} paths of an index of "
+                             f"dim {self.dim}")
+        embeddings = embeddings.reshape(len(paths), self.dim)
+        _check_finite(embeddings, paths)
         all_paths = self.paths + list(paths)
         all_stamps = self.stamps + (list(stamps) if stamps is not None else [None] * len(paths))
         order = sorted(range(len(all_paths)), key=all_paths.__getitem__)
@@ -168,6 +207,10 @@ class RetrievalIndex:
         self.paths = [all_paths[i] for i in order]
         self.stamps = [all_stamps[i] for i in order]
         self._faiss_index = None
+
+    def set_stamps(self, stamps: dict[str, str | None]) -> None:
+        """Record new change stamps of indexed paths (same image, e.g. a touched file)."""
+        self.stamps = [stamps.get(path, old) for path, old in zip(self.paths, self.stamps)]
 
     def remove(self, paths: Sequence[str]) -> None:
         """Drop the rows of `paths` (unknown paths are ignored)."""
@@ -189,7 +232,16 @@ class RetrievalIndex:
 
     def search(self, queries: torch.Tensor, top_k: int = 10) -> list[list[SearchHit]]:
         """Top `top_k` rows by inner product for each row of `queries` [Q, D] (normalise them first for cosine)."""
-        queries = torch.as_tensor(queries, dtype=torch.float32).reshape(-1, self.dim)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        queries = torch.as_tensor(queries, dtype=torch.float32)
+        queries = queries.unsqueeze(0) if queries.ndim == 1 else queries
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries of shape {tuple(queries.shape)} do not fit an index of dim {self.dim}: "
+                             "embed them with the model the index was built with")
+        if not torch.isfinite(queries).all():
+            bad = (~torch.isfinite(queries)).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"query row(s) {bad[:5]} are not finite (NaN or inf): check the model's weights")
         k = min(top_k, len(self))
         if k <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
@@ -202,16 +254,25 @@ class RetrievalIndex:
                 scores.append(top.values)
                 rows.append(top.indices)
             scores, rows = torch.cat(scores).numpy(), torch.cat(rows).numpy()
-        return [
-            [SearchHit(rank + 1, self.paths[int(r)], float(s)) for rank, (s, r) in enumerate(zip(score_row, row))]
-            for score_row, row in zip(scores, rows)
-        ]
+        results = []
+        for score_row, row in zip(scores, rows):
+            # FAISS fills missing hits with label -1 (and score -FLT_MAX): never read that as paths[-1]
+            kept = [(float(s), int(r)) for s, r in zip(score_row, row) if 0 <= int(r) < len(self) and math.isfinite(s)]
+            results.append([SearchHit(rank + 1, self.paths[r], s) for rank, (s, r) in enumerate(kept)])
+        return results
 
     # -- files --------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
-        """Write the embeddings, the metadata and (FAISS available) `index.faiss`; each file replaced atomically."""
+        """Write the index into `folder` in one atomic step: new files under digest names, then `index.json`
+        replaced (the commit), then files no manifest names removed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        files = {"embeddings": _write_versioned(
+            folder, "embeddings", ".safetensors", lambda tmp: save_file({"embeddings": self.embeddings}, tmp))}
+        if faiss_available():
+            import faiss
+
+            files["faiss"] = _write_versioned(folder, "index", ".faiss", lambda tmp: faiss.write_index(self._faiss(), tmp))
         metadata = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -221,57 +282,118 @@ class RetrievalIndex:
             "normalized": True,
             "bf16": self.bf16,
             "count": len(self),
+            "files": files,
             "paths": self.paths,
             "stamps": self.stamps,
         }
-        _replace(folder / EMBEDDINGS_FILE, lambda tmp: save_file({"embeddings": self.embeddings}, tmp))
-        if faiss_available():
-            import faiss
-
-            _replace(folder / FAISS_FILE, lambda tmp: faiss.write_index(self._faiss(), tmp))
-        elif (folder / FAISS_FILE).exists():
-            (folder / FAISS_FILE).unlink()  # stale: it would miss the rows added now
         _replace(folder / METADATA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=1)))
+        keep = {METADATA_FILE} | {entry["name"] for entry in files.values()}
+        for path in folder.iterdir():  # older versions, version-1 files, leftovers of a crashed save
+            name = path.name
+            ours = name.endswith((".safetensors", ".faiss", ".tmp")) and name.startswith(("embeddings", "index"))
+            if ours and name not in keep and path.is_file():
+                path.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, use_faiss: bool | None = None) -> "RetrievalIndex":
+        """Read an index folder, checking that its files belong together (an error names what does not)."""
         folder = Path(folder)
         metadata_path = folder / METADATA_FILE
         if not metadata_path.is_file():
             raise FileNotFoundError(f"no {METADATA_FILE} in {folder}: not a retrieval index (build one with `index`)")
         try:
             metadata = json.loads(metadata_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InvalidDataError(f"{metadata_path} is not valid JSON: {err}") from err
-        if metadata.get("format") != INDEX_FORMAT:
-            raise InvalidDataError(f"{metadata_path} is not a {INDEX_FORMAT} file")
+        if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
+            raise InvalidDataError(f"{metadata_path} is not a {INDEX_FORMAT} file (expected a JSON object with "
+                                   f"format {INDEX_FORMAT!r})")
+        missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+        if missing:
+            raise InvalidDataError(f"{metadata_path} lacks {', '.join(missing)}: the index is damaged, rebuild it")
+        count, dim, paths = metadata["count"], metadata["dim"], metadata["paths"]
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise InvalidDataError(f"{metadata_path}: 'paths' must be a list of strings")
+        version = metadata.get("version", 1)
+        entries = metadata.get("files") or {}
+        if version >= 2:
+            entry = entries.get("embeddings")
+            if not isinstance(entry, dict) or Path(str(entry.get("name", ""))).name != entry.get("name"):
+                raise InvalidDataError(f"{metadata_path} names no embeddings file: the index is damaged, rebuild it")
+            embeddings_path = folder / entry["name"]
+            if not embeddings_path.is_file():
+                raise InvalidDataError(f"{embeddings_path}, named by {METADATA_FILE}, is missing; rebuild the index")
+            if file_sha256(embeddings_path) != entry.get("sha256"):
+                raise InvalidDataError(
+                    f"{embeddings_path} does not match {METADATA_FILE} (sha256 differs: edited or damaged since it "
+                    "was saved); rebuild the index into a new folder"
+                )
+        else:
+            embeddings_path = folder / EMBEDDINGS_FILE
         try:
-            embeddings = load_file(str(folder / EMBEDDINGS_FILE))["embeddings"]
+            embeddings = load_file(str(embeddings_path))["embeddings"]
         except Exception as err:  # missing, truncated or foreign file
-            raise InvalidDataError(f"cannot read {folder / EMBEDDINGS_FILE}: {type(err).__name__}: {err}") from err
-        count, dim = metadata["count"], metadata["dim"]
-        if tuple(embeddings.shape) != (count, dim) or len(metadata["paths"]) != count:
+            raise InvalidDataError(f"cannot read {embeddings_path}: {type(err).__name__}: {err}") from err
+        if tuple(embeddings.shape) != (count, dim) or len(paths) != count:
             raise InvalidDataError(
-                f"{folder}: embeddings {tuple(embeddings.shape)} do not match {METADATA_FILE} "
-                f"({metadata['count']} paths, dim {metadata['dim']}); the index is damaged, rebuild it"
+                f"{folder}: {embeddings_path.name} holds {tuple(embeddings.shape)[0]} rows of dim "
+                f"{tuple(embeddings.shape)[1:]}, {METADATA_FILE} says count {count}, dim {dim} and lists "
+                f"{len(paths)} paths; the index is damaged, rebuild it"
             )
-        index = cls(embeddings, metadata["paths"], metadata["model"], metadata["model_fingerprint"],
-                    metadata.get("bf16", False), use_faiss, metadata.get("stamps"))
-        if index.use_faiss and (folder / FAISS_FILE).is_file():
+        try:
+            index = cls(embeddings, paths, metadata["model"], metadata["model_fingerprint"],
+                        metadata.get("bf16", False), use_faiss, metadata.get("stamps"))
+        except ValueError as err:
+            raise InvalidDataError(f"{folder}: {err}") from err
+        faiss_entry = entries.get("faiss") if version >= 2 else None  # version 1: rebuilt in memory (it may be stale)
+        if index.use_faiss and isinstance(faiss_entry, dict):
             import faiss
 
-            stored = faiss.read_index(str(folder / FAISS_FILE))
-            if stored.ntotal == len(index) and stored.d == index.dim:
-                index._faiss_index = stored
-            else:
-                logger.warning("%s does not match the embeddings; rebuilding it in memory", folder / FAISS_FILE)
+            faiss_path = folder / Path(str(faiss_entry.get("name"))).name
+            if faiss_path.is_file() and file_sha256(faiss_path) == faiss_entry.get("sha256"):
+                stored = faiss.read_index(str(faiss_path))
+                if stored.ntotal == len(index) and stored.d == index.dim:
+                    index._faiss_index = stored
+            if index._faiss_index is None:
+                logger.warning("%s does not match the embeddings; rebuilding it in memory", faiss_path)
         return index
+
+
+def _check_unique(paths: Sequence[str]) -> None:
+    seen, duplicates = set(), []
+    for path in paths:
+        if path in seen:
+            duplicates.append(path)
+        seen.add(path)
+    if duplicates:
+        raise ValueError(f"{len(duplicates)} duplicate path(s) in the index: {', '.join(duplicates[:5])}")
+
+
+def _check_finite(embeddings: torch.Tensor, paths: Sequence[str]) -> None:
+    """Refuse NaN / inf rows (a NaN row would rank first or last at random and print invalid JSON)."""
+    if len(paths) and not torch.isfinite(embeddings).all():
+        bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
+        raise InvalidDataError(
+            f"{len(bad)} of {len(paths)} embedding rows are not finite (NaN or inf), e.g. {paths[bad[0]]}: "
+            "the model's weights or the images give no valid embedding"
+        )
 
 
 def _replace(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)
+
+
+def _write_versioned(folder: Path, stem: str, suffix: str, write) -> dict[str, Any]:
+    """Write a file through `write(tmp)`, then name it by its digest (`<stem>-<sha256[:16]><suffix>`)."""
+    tmp = folder / f"{stem}{suffix}.{os.getpid()}.tmp"
+    write(str(tmp))
+    digest = file_sha256(tmp)
+    name = f"{stem}-{digest[:16]}{suffix}"
+    size = tmp.stat().st_size
+    os.replace(tmp, folder / name)
+    return {"name": name, "sha256": digest, "bytes": size}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,11 +434,14 @@ def embed_image_source(
     skip_invalid: bool = False,
     num_workers: int = 0,
     show_progress: bool = True,
+    on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> tuple[list[int], torch.Tensor, list[tuple[str, str]]]:
     """`model.encode_image` of the images at `positions` (default: all), decoded `batch_size` at a time.
 
     Returns (positions embedded, float32 embeddings [n, D], skipped (key, error)). An unreadable image raises
-    [`ImageLoadError`] naming the file, or with `skip_invalid` is logged and listed in the skips.
+    [`ImageLoadError`] naming the file, or with `skip_invalid` is logged and listed in the skips. A non-finite
+    embedding (a model with NaN weights) is an error naming the image. With `on_batch`, each batch's positions and
+    embeddings go to it as they are made and are not kept (the returned tensor is then empty).
     """
     positions = list(range(len(source))) if positions is None else list(positions)
     loader = torch.utils.data.DataLoader(
@@ -334,12 +459,40 @@ def embed_image_source(
                 report.skip("unreadable image", source.keys[position])
                 skipped.append((source.keys[position], error))
             if pixel_values is not None:
-                embeds.append(model.encode_image(pixel_values.to(model.device, model.dtype)).float().cpu())
+                batch = model.encode_image(pixel_values.to(model.device, model.dtype)).float().cpu()
+                _check_finite(batch, [source.keys[p] for p in batch_positions])
+                if on_batch is not None:
+                    on_batch(list(batch_positions), batch)
+                else:
+                    embeds.append(batch)
                 done.extend(batch_positions)
             bar.update(len(batch_positions) + len(errors))
     report.log(logger, "embed_image_source")
     dim = model.config.projection_dim
     return done, (torch.cat(embeds) if embeds else torch.zeros(0, dim)), skipped
+
+
+def check_output_folder(output: str | os.PathLike) -> None:
+    """Fail before any embedding when `output` cannot hold an index (a file, or a folder we cannot write)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InvalidDataError(f"--output {output} is a file, not an index folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InvalidDataError(f"--output {output} is not writable: {type(err).__name__}: {err}") from err
+
+
+def same_image(old: str | None, new: str | None) -> bool:
+    """Whether two change stamps name the same image: by content digest when both carry one (`...sha256:<hex>`,
+    `sha1:<hex>`), else by equality (a stamp without a digest, from an older index, matches no digest stamp)."""
+    if old == new:
+        return True
+    digest = lambda stamp: stamp.rsplit(":", 2)[-2:] if stamp and ("sha256:" in stamp or "sha1:" in stamp) else None
+    return digest(old) is not None and digest(old) == digest(new)
 
 
 def build_index(
@@ -351,16 +504,21 @@ def build_index(
     num_workers: int = 0,
     show_progress: bool = True,
     use_faiss: bool | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> tuple[RetrievalIndex, IndexingReport]:
     """Index `source` into `output` (saved there; `None`: in memory only).
 
     An existing index at `output` is first checked to be of `retrieval_model` (same weights and precision), then
-    brought up to date: only images it lacks or whose file changed (size / mtime, or bytes for datasets) are
-    embedded, and rows of this source's images that no longer exist are removed. Rows stay sorted by path, so the
-    result equals a one-shot build of the same images."""
+    brought up to date: only images it lacks or whose content changed (sha256 of the file bytes, or of the stored
+    bytes for datasets) are embedded, and rows of this source's images that no longer exist are removed. Rows stay
+    sorted by path, so the result equals a one-shot build of the same images. While embedding, the rows made so far
+    are saved about every `checkpoint_seconds` (at most a fifth of the time goes to saving), so a build that is
+    killed resumes where it stopped when run again."""
     if len(source) == 0:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise InvalidDataError(f"no images found in {source.name} (image suffixes: {suffixes})")
+    if output is not None:
+        check_output_folder(output)
     if output is not None and (Path(output) / METADATA_FILE).exists():
         index = RetrievalIndex.load(output, use_faiss=use_faiss)
         index.check_model(retrieval_model.fingerprint, retrieval_model.bf16, where=f"index {output}")
@@ -372,22 +530,39 @@ def build_index(
     indexed = dict(zip(index.paths, index.stamps))
     present = set(source.keys)
     deleted = [path for path in index.paths if path not in present and source.covers(path)]
-    changed = [i for i, key in enumerate(source.keys) if key in indexed and indexed[key] != stamps[i]]
+    changed = [i for i, key in enumerate(source.keys) if key in indexed and not same_image(indexed[key], stamps[i])]
     positions = [i for i, key in enumerate(source.keys) if key not in indexed] + changed
     report = IndexingReport(already_indexed=len(source) - len(positions), updated=len(changed), removed=len(deleted))
     if len(index):
         logger.info("%s: %d image(s) unchanged, embedding %d new and %d changed, removing %d deleted", output,
                     report.already_indexed, len(positions) - len(changed), len(changed), len(deleted))
-    done, embeds, report.skipped = embed_image_source(
-        retrieval_model.model, retrieval_model.processor, source, sorted(positions), batch_size, skip_invalid,
-        num_workers, show_progress,
-    )  # fmt: skip
     index.remove(deleted + [source.keys[i] for i in changed])
-    index.add(embeds, [source.keys[p] for p in done], [stamps[p] for p in done])
+    index.set_stamps({key: stamps[i] for i, key in enumerate(source.keys) if key in indexed})  # touched, same bytes
+    pending: list[tuple[list[int], torch.Tensor]] = []
+    timing = {"last": time.monotonic(), "cost": 0.0}
+
+    def flush(save: bool) -> None:
+        if pending:
+            done = [p for batch, _ in pending for p in batch]
+            index.add(torch.cat([e for _, e in pending]), [source.keys[p] for p in done], [stamps[p] for p in done])
+            pending.clear()
+        if save and output is not None:
+            started = time.monotonic()
+            index.save(output)
+            timing["cost"], timing["last"] = time.monotonic() - started, time.monotonic()
+
+    def on_batch(batch_positions: list[int], embeddings: torch.Tensor) -> None:
+        pending.append((batch_positions, embeddings))
+        if output is not None and time.monotonic() - timing["last"] >= max(checkpoint_seconds, 4 * timing["cost"]):
+            flush(save=True)  # a partial index: a re-run embeds only what is missing
+
+    done, _, report.skipped = embed_image_source(
+        retrieval_model.model, retrieval_model.processor, source, sorted(positions), batch_size, skip_invalid,
+        num_workers, show_progress, on_batch=on_batch,
+    )  # fmt: skip
+    flush(save=output is not None)
     changed_set = set(changed)
     report.added, report.total = sum(1 for p in done if p not in changed_set), len(index)
-    if output is not None:
-        index.save(output)
     return index, report
 
 

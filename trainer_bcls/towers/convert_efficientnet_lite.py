@@ -340,4 +340,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -192,4 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..cli import run_cli
+
+    sys.exit(run_cli(main))

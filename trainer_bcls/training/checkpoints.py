@@ -45,6 +45,26 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def loss_config_changes(folder: str | os.PathLike, config) -> list[str]:
+    """The loss hyperparameters of ``config`` that differ from those saved in checkpoint ``folder``'s config.json,
+    as ``"name: checkpoint <old>, now <new>"`` (empty when they agree or the checkpoint has no readable config)."""
+    from modeling_bcls.configuration_bcls import LOSS_KWARG_NAMES
+
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    changes = []
+    for name in LOSS_KWARG_NAMES:
+        if name == "objective" or name not in saved:
+            continue
+        old, new = saved[name], getattr(config, name, None)
+        if old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)):
+            changes.append(f"{name}: checkpoint {old!r}, now {new!r}")
+    return changes
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-<step>`` folders of ``output_dir``, newest (largest step) first."""
     folder = Path(output_dir)
@@ -96,4 +116,4 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike)
     return str(folder)
 
 
-__all__ = ["checkpoint_problem", "list_checkpoints", "resolve_checkpoint"]
+__all__ = ["checkpoint_problem", "list_checkpoints", "loss_config_changes", "resolve_checkpoint"]

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .checkpoints import resolve_checkpoint
+from .checkpoints import loss_config_changes, resolve_checkpoint
 from .feature_cache import FeatureCaches, build_feature_caches, cached_text_pooled, cached_vision_pooled
 from ..data.loaders import without_image_decoding
 from ..distributed import is_distributed
@@ -93,7 +93,8 @@ class BCLSTrainer(Trainer):
         the count of batches that had none (every pair of one image: loss 0, nothing trained).
 
         `resume_from_checkpoint`: `True`, `"true"` or `"last"` resume from the newest complete checkpoint of
-        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.training.checkpoints.resolve_checkpoint`)."""
+        `output_dir`; a half-written checkpoint is reported (see `trainer_bcls.training.checkpoints.resolve_checkpoint`),
+        and a checkpoint saved with other loss hyperparameters than the model's is refused, naming them."""
         args = self.args
         global_batch = args.world_size > 1 and args.gather_across_processes
         if args.per_device_train_batch_size == 1 and not global_batch:
@@ -104,6 +105,15 @@ class BCLSTrainer(Trainer):
             )
         # "True"/"last" (as the command line gives them) → the newest complete checkpoint; half-written ones named
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if resume_from_checkpoint is not None and config is not None:
+            changes = loss_config_changes(resume_from_checkpoint, config)
+            if changes:  # the saved config would describe a run whose first steps did not follow it
+                raise ValueError(
+                    f"--resume_from_checkpoint {resume_from_checkpoint}: the loss flags differ from the checkpoint's "
+                    f"({'; '.join(changes)}). Resume with the checkpoint's loss flags, or start a new run "
+                    "(--model_name_or_path on the checkpoint) to train on with other ones."
+                )
         self._batches_without_negatives, self._batches_counted = 0, 0
         self._trainable_parameters = None  # which parameters train is fixed for the run (see _clip_grad_norm)
         self._prepare_feature_caches()

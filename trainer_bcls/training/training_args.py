@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+
+# Float flags that must be finite (a NaN or infinite value would train NaN weights or fail far from the flag).
+FINITE_FLOAT_ARGUMENTS = (
+    "learning_rate", "tower_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "warmup_ratio", "label_smoothing_factor", "num_train_epochs",
+)
 
 
 @dataclass
@@ -80,7 +88,11 @@ class BCLSTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.embedding_chunk_size is not None and self.embedding_chunk_size < 1:
             raise ValueError(f"embedding_chunk_size must be a positive integer, got {self.embedding_chunk_size}")
-        if not (self.feature_cache_max_gb >= 0 and self.feature_cache_max_gb != float("inf")):
-            raise ValueError(f"feature_cache_max_gb must be a finite number >= 0, got {self.feature_cache_max_gb}")
-        if self.tower_learning_rate is not None and self.tower_learning_rate < 0:
-            raise ValueError(f"tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
+        for name in FINITE_FLOAT_ARGUMENTS:  # NaN passes `nan < 0`: check finiteness first, at start
+            value = getattr(self, name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
+        if not (self.feature_cache_max_gb >= 0 and math.isfinite(self.feature_cache_max_gb)):
+            raise ValueError(f"--feature_cache_max_gb must be a finite number >= 0, got {self.feature_cache_max_gb}")
+        if self.tower_learning_rate is not None and not self.tower_learning_rate >= 0:
+            raise ValueError(f"--tower_learning_rate must be >= 0, got {self.tower_learning_rate}")
