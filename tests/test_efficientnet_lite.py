@@ -277,13 +277,16 @@ def test_cnn_tower_width_and_auto_pooling(model_type, tiny_bert_config):
     model = BCLSModel(config).eval()
     pixels = _pixels(32)
     with torch.no_grad():
-        pooled = model._pool_image(pixels)
+        pooled = model._pool_image(pixels)  # eval, no gradient: the fused inference copy of the tower
         tower_out = model.vision_model(pixel_values=pixels)
         features = model.get_image_features(pixels).pooler_output
+        model.fast_inference = False
+        unfused = model._pool_image(pixels)
     assert pooled.shape == (2, model.vision_embed_dim)
     pooler = getattr(tower_out, "pooler_output", None)
     expected = pooler.flatten(1) if pooler is not None else tower_out.last_hidden_state.mean(dim=(2, 3))
-    assert torch.equal(pooled, expected)
+    assert torch.equal(unfused, expected)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     assert features.shape == (2, 8)
     assert isinstance(AutoModel.from_config(vision_config), type(model.vision_model))
 
@@ -301,8 +304,11 @@ def test_from_vision_text_pretrained_with_converted_lite0(lite0_folder, tmp_path
     pixels = _pixels(128)
     tower = AutoModel.from_pretrained(lite0_folder).eval()
     with torch.no_grad():
-        assert torch.equal(model._pool_image(pixels), tower(pixel_values=pixels).pooler_output)
+        reference = tower(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(model._pool_image(pixels), reference, rtol=1e-5, atol=1e-5)  # fused copy
         features = model.get_image_features(pixels).pooler_output
+        model.fast_inference = False
+        assert torch.equal(model._pool_image(pixels), reference)
     assert features.shape == (2, 32)
     model.save_pretrained(tmp_path)
     again = BCLSModel.from_pretrained(tmp_path).eval()
