@@ -211,10 +211,11 @@ def append_records(records: list[dict], path: Path) -> None:
         for r in records:
             if (r["setting"], r["seed"]) in known:
                 continue
-            run_args = {k: v for k, v in r["args"].items() if k not in ("data", "output_dir", "command", "func")}
+            run_args = {k: v for k, v in r["args"].items()
+                        if k not in ("data", "output_dir", "command", "func", "feature_cache_dir")}
             run_args["vision"] = Path(run_args.get("vision", str(DEFAULT_VISION))).name
-            out.write(json.dumps({k: r[k] for k in ("setting", "seed", "steps", "train_seconds", "metrics")}
-                                 | {"args": run_args}) + "\n")
+            kept = ("setting", "seed", "via", "steps", "train_seconds", "wall_seconds", "metrics")
+            out.write(json.dumps({k: r[k] for k in kept if k in r} | {"args": run_args}) + "\n")
             added += 1
     print(f"appended {added} records to {path}")
 
