@@ -1,6 +1,6 @@
 # Licensed under the Apache License, Version 2.0.
 r"""Inference fast path of a frozen CNN tower: BatchNorm folded into the convolution before it, exact-identity
-squeeze-excite layers dropped, channels_last memory format.
+squeeze-excite layers dropped, activations in place, channels_last memory format.
 
 A convolution ``y = W ⊛ x + b`` followed by an eval-mode BatchNorm ``z = γ (y − μ) / √(σ² + ε) + β`` is one
 convolution::
@@ -111,6 +111,11 @@ def fuse_for_inference(tower: nn.Module, example: torch.Tensor, **tower_kwargs) 
     for name in dropped:
         parent, child = _parent_and_name(fused, name)
         setattr(parent, child, nn.Identity())
+    inplace = 0
+    for module in fused.modules():  # the fused copy only infers: activations may overwrite their input
+        if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish)) and not module.inplace:
+            module.inplace = True
+            inplace += 1
     fused = fused.to(memory_format=torch.channels_last)
     with torch.no_grad():
         want = tower(pixel_values=example, **tower_kwargs)
@@ -125,7 +130,7 @@ def fuse_for_inference(tower: nn.Module, example: torch.Tensor, **tower_kwargs) 
             return None
     logger.info(
         "inference fast path for %s: %d BatchNorms folded into their convolutions, %d identity squeeze-excite "
-        "layers dropped, channels_last", type(tower).__name__, len(pairs), len(dropped),
+        "layers dropped, %d activations in place, channels_last", type(tower).__name__, len(pairs), len(dropped), inplace,
     )
     return fused
 
