@@ -247,3 +247,21 @@ def test_agrees_with_eccv_caption_when_r_exceeds_the_list(tmp_path):
     ours = M.retrieval_metrics(images, texts, ids, chunk_size=3, extended_positives=extended)
     assert_agrees_with_eccv(ours, theirs)
     assert_close(ours, extended_reference(sim, extended))
+
+
+def test_eccv_caption_positives_from_the_package_ground_truth():
+    eccv_caption = pytest.importorskip("eccv_caption", reason="pip install eccv-caption (the `eccv` extra)")
+    from trainer_bcls.evaluation.extended_positives import eccv_caption_positives
+
+    gts = eccv_caption.Metrics().eccv_gts
+    queries = sorted(gts["i2t"])[:3]
+    captions = [c for q in queries for c in gts["i2t"][q][:2]] + [1, 2, 3]  # 1..3: COCO ids of no ECCV positive
+    image_keys = [str(q) for q in queries] + ["not_a_coco_id"]
+    extended = eccv_caption_positives(image_keys, [str(c) for c in captions])
+    assert sorted(extended.i2t) == [0, 1, 2]
+    for row, q in enumerate(queries):
+        assert [captions[c] for c in extended.i2t[row]] == gts["i2t"][q][:2]
+        assert extended.i2t_outside[row] == len(set(gts["i2t"][q])) - 2  # the rest count in R
+    assert extended.prefix == "eccv_"
+    with pytest.raises(ValueError, match="none of ECCV Caption's queries is in this split.*dataset_coco.json"):
+        eccv_caption_positives(["a.png"], ["a.png#0"])
