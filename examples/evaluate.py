@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relevance_model", default=None)
     parser.add_argument("--relevance_embeddings", default=None)
     parser.add_argument("--judgments", default=None, help="Flickr8k-Expert / CrowdFlower judgments file.")
+    parser.add_argument("--judgments_score_columns", type=int, nargs="+", default=None,
+                        help="0-based score fields of --judgments to use (default: all; 0 for CrowdFlowerAnnotations.txt).")
     parser.add_argument("--extra_positives", default=None,
                         help='JSON {"i2t": {image_key: [caption keys]}, "t2i": {caption_key: [image keys]}}: '
                              "positives added to the binary ones; ext_ mAP@R / R-Precision / R@K of the listed queries.")
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def judgment_metrics(path: str, encoded, pairs) -> dict[str, float]:
+def judgment_metrics(path: str, encoded, pairs, score_columns=None) -> dict[str, float]:
     """Kendall τ-c between model similarities and human scores (image file names must match the split's)."""
     filenames = pairs["filename"]
     image_of_file = {Path(f).name: int(i) for f, i in zip(filenames, pairs["image_id"])}
@@ -83,7 +85,7 @@ def judgment_metrics(path: str, encoded, pairs) -> dict[str, float]:
         caption_id = int(captions_of_image[owner][caption_index])
         return float(image_embeds[query] @ text_embeds[caption_id])
 
-    result = judgment_correlation(load_judgments(path), similarity)
+    result = judgment_correlation(load_judgments(path, score_columns), similarity)
     return {f"judgments_{key}": value for key, value in result.items()}
 
 
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     encoded = encode_split(model, pairs, processor, batch_size=args.batch_size, max_length=args.max_length)
     metrics = split_metrics(encoded, relevance, extended_positives=extended or None)
     if args.judgments:
-        metrics.update(judgment_metrics(args.judgments, encoded, pairs))
+        metrics.update(judgment_metrics(args.judgments, encoded, pairs, args.judgments_score_columns))
 
     output_dir = Path(args.output_dir or Path(args.model) / f"eval-{args.split}")
     output_dir.mkdir(parents=True, exist_ok=True)
