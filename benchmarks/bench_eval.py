@@ -1,4 +1,5 @@
-"""Evaluation speed (issue 7): chunked `retrieval_metrics` vs a VSE++-style evaluation (full argsort per query).
+"""Evaluation speed (issue 7): chunked `retrieval_metrics` vs a VSE++-style evaluation (full argsort per query),
+and the cost of mAP@R / R-Precision (issue 21: the same call with `precision_at_r=False`).
 
 Gallery: random L2-normalised float32 embeddings, `--num-images` images (default 5,000) x 5 captions each (25,000),
 dim 256, caption j belongs to image j // 5 (VSE++ layout). Every method runs in a fresh subprocess, which reports
@@ -89,7 +90,8 @@ def worker(args: argparse.Namespace) -> dict:
         retrieval_metrics(images[:64], captions[: 64 * CAPTIONS_PER_IMAGE], ids[: 64 * CAPTIONS_PER_IMAGE])  # warm-up
         before = maxrss_mib()
         start = time.perf_counter()
-        metrics = retrieval_metrics(images, captions, ids, chunk_size=args.chunk_size)
+        metrics = retrieval_metrics(images, captions, ids, chunk_size=args.chunk_size,
+                                    precision_at_r=not args.no_precision_at_r)
         seconds = time.perf_counter() - start
         peak = maxrss_mib() - before
         i2t, t2i = retrieval_ranks(images, captions, ids, chunk_size=args.chunk_size)  # for the subset check
@@ -110,7 +112,9 @@ def worker(args: argparse.Namespace) -> dict:
 def run_worker(name: str, args: argparse.Namespace, **overrides) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
     for key, value in {**vars(args), **overrides}.items():
-        if key != "worker":
+        if isinstance(value, bool):
+            cmd += [f"--{key.replace('_', '-')}"] if value else []
+        elif key != "worker":
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,6 +127,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--baseline-images", type=int, default=1000, help="image queries timed for the baseline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-precision-at-r", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["ours", "vse"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.baseline_images = min(args.baseline_images, args.num_images)
@@ -134,6 +139,7 @@ def main() -> None:
     subset = args.baseline_images
     scale = args.num_images / subset
     ours = run_worker("ours", args)
+    plain = run_worker("ours", args, no_precision_at_r=True)  # R@K and ranks only: the cost of mAP@R / R-P
     small = run_worker("ours", args, chunk_size=max(1, args.chunk_size // 4))
     vse = run_worker("vse", args)
 
@@ -159,8 +165,9 @@ def main() -> None:
     print(f"| VSE++ i2t/t2i (numpy, full argsort per query) | {subset} + {CAPTIONS_PER_IMAGE * subset} "
           f"| {vse['seconds']:.2f} | {vse_full:.1f} ({extrap}) | 1.0x | {vse['peak_mib']:.0f} "
           f"| {num_texts * 4 / 2**20:.2f} (one row) |")
-    for chunk, res in ((args.chunk_size, ours), (small_chunk, small)):
-        print(f"| retrieval_metrics, chunk_size={chunk} | {args.num_images} + {num_texts} | {res['seconds']:.2f} "
+    for chunk, res, what in ((args.chunk_size, plain, ", precision_at_r=False"), (args.chunk_size, ours, ""),
+                             (small_chunk, small, "")):
+        print(f"| retrieval_metrics, chunk_size={chunk}{what} | {args.num_images} + {num_texts} | {res['seconds']:.2f} "
               f"| {res['seconds']:.2f} (measured) | {vse_full / res['seconds']:.1f}x | {res['peak_mib']:.0f} "
               f"| {bound(chunk):.1f} |")
     print(f"\nSubset check ({subset} image queries, {CAPTIONS_PER_IMAGE * subset} caption queries): rank mismatches "
@@ -172,6 +179,8 @@ def main() -> None:
                  if max_diff <= 2 else "UNEXPECTED: investigate")
         print(f"Rank mismatches differ by at most {max_diff} and occur at ranks "
               f">= {int(np.minimum(ours_ranks, vse_ranks)[mismatch].min())} ({cause}).")
+    print(f"\nmAP@R + R-Precision (both directions): {ours['seconds']:.2f} s with vs {plain['seconds']:.2f} s without "
+          f"({ours['seconds'] / plain['seconds']:.2f}x), chunk_size={args.chunk_size}.")
     m = ours["metrics"]
     print("Full-gallery metrics (ours): " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()))
 

@@ -5,6 +5,8 @@
     python examples/evaluate.py --model DIR --dataset path/to/flickr8k --split val \\
         --relevance sentence --relevance_model sentence-transformers/all-MiniLM-L6-v2 \\
         --judgments ExpertAnnotations.txt
+    python examples/evaluate.py --model DIR --dataset dataset_coco.json --split test --eccv_caption
+    python examples/evaluate.py --model DIR --split test --extra_positives verified.json
 
 Writes `metrics.json` and `report.png` (top-5 images for a few caption queries, top captions for a few images,
 model similarity against continuous relevance with Kendall τ-b) to `--output_dir`.
@@ -32,6 +34,8 @@ from trainer_bcls.evaluation.split_evaluation import split_metrics  # noqa: E402
 from trainer_bcls.data.image_loading import to_rgb  # noqa: E402
 from trainer_bcls.retrieval.inference_device import prepare_for_inference  # noqa: E402
 from trainer_bcls.evaluation.metrics import judgment_correlation, load_judgments  # noqa: E402
+from trainer_bcls.evaluation.extended_positives import eccv_caption_positives, load_extra_positives  # noqa: E402
+from trainer_bcls.data.caption_index import ImageCaptionIndex, pair_keys  # noqa: E402
 
 logger = logging.getLogger("bcls.evaluate")
 
@@ -51,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relevance_model", default=None)
     parser.add_argument("--relevance_embeddings", default=None)
     parser.add_argument("--judgments", default=None, help="Flickr8k-Expert / CrowdFlower judgments file.")
+    parser.add_argument("--judgments_score_columns", type=int, nargs="+", default=None,
+                        help="0-based score fields of --judgments to use (default: all; 0 for CrowdFlowerAnnotations.txt).")
+    parser.add_argument("--extra_positives", default=None,
+                        help='JSON {"i2t": {image_key: [caption keys]}, "t2i": {caption_key: [image keys]}}: '
+                             "positives added to the binary ones; ext_ mAP@R / R-Precision / R@K of the listed queries.")
+    parser.add_argument("--eccv_caption", action="store_true",
+                        help="eccv_ mAP@R / R-Precision / R@K with ECCV Caption's positives (COCO Karpathy test split; "
+                             "needs the eccv-caption package).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--output_dir", default=None, help="Default: <model>/eval-<split>.")
@@ -61,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def judgment_metrics(path: str, encoded, pairs) -> dict[str, float]:
+def judgment_metrics(path: str, encoded, pairs, score_columns=None) -> dict[str, float]:
     """Kendall τ-c between model similarities and human scores (image file names must match the split's)."""
     filenames = pairs["filename"]
     image_of_file = {Path(f).name: int(i) for f, i in zip(filenames, pairs["image_id"])}
@@ -75,7 +87,7 @@ def judgment_metrics(path: str, encoded, pairs) -> dict[str, float]:
         caption_id = int(captions_of_image[owner][caption_index])
         return float(image_embeds[query] @ text_embeds[caption_id])
 
-    result = judgment_correlation(load_judgments(path), similarity)
+    result = judgment_correlation(load_judgments(path, score_columns), similarity)
     return {f"judgments_{key}": value for key, value in result.items()}
 
 
@@ -159,10 +171,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pairs, kind=args.relevance, model_name_or_path=args.relevance_model,
         embeddings_path=args.relevance_embeddings,
     )
+    extended = []
+    if args.extra_positives or args.eccv_caption:
+        try:  # checked before embedding anything
+            index = ImageCaptionIndex.from_pairs(pairs)
+            image_keys, caption_keys = pair_keys(pairs, index)
+            if args.extra_positives:
+                extended.append(load_extra_positives(
+                    args.extra_positives, image_keys, caption_keys, index.caption_image_ids))
+            if args.eccv_caption:
+                extended.append(eccv_caption_positives(image_keys, caption_keys))
+        except (ValueError, ImportError) as err:
+            sys.exit(f"error: {err}")
     encoded = encode_split(model, pairs, processor, batch_size=args.batch_size, max_length=args.max_length)
-    metrics = split_metrics(encoded, relevance)
+    metrics = split_metrics(encoded, relevance, extended_positives=extended or None)
     if args.judgments:
-        metrics.update(judgment_metrics(args.judgments, encoded, pairs))
+        metrics.update(judgment_metrics(args.judgments, encoded, pairs, args.judgments_score_columns))
 
     output_dir = Path(args.output_dir or Path(args.model) / f"eval-{args.split}")
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from trainer_bcls.data.loaders import (
     validate_images,
     without_image_decoding,
 )
+from trainer_bcls.data.caption_index import pair_keys
 from trainer_bcls.data.synthetic import default_synthetic_dir, make_synthetic_dataset
 
 
@@ -124,7 +125,7 @@ def test_default_synthetic_dir_generates_once(tmp_path, monkeypatch):
 
 def test_karpathy_pair_view(synth_dir):
     pairs = load_pairs(synth_dir, "train")
-    assert pairs.features == PAIR_FEATURES
+    assert pairs.features == Features({**PAIR_FEATURES, "source_caption_id": Value("string")})  # its sentids
     assert len(pairs) == 36
     assert column(pairs, "image_id") == [i for i in range(12) for _ in range(3)]
     assert column(pairs, "caption_id") == list(range(36))
@@ -387,3 +388,53 @@ def test_pair_view_duplicate_ids_are_named():
         ImageCaptionIndex.from_pairs(Dataset.from_dict(same_file))
     with pytest.raises(ValueError, match=r"missing column\(s\) \['caption_id'\]"):
         ImageCaptionIndex.from_pairs(Dataset.from_dict(base))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# original ids (issue 21): the keys of extended-positive files
+
+
+def test_karpathy_coco_ids_are_kept(tmp_path):
+    """A tiny Karpathy COCO file: cocoid and sentids (COCO caption ids) survive as source ids and name the pairs."""
+    images = [
+        {"filename": "COCO_val2014_000000391895.jpg", "filepath": "val2014", "split": "test", "cocoid": 391895,
+         "sentids": [770337, 771687], "sentences": [{"raw": "a man on a bike", "sentid": 770337},
+                                                    {"raw": "a cyclist", "sentid": 771687}]},
+        {"filename": "COCO_val2014_000000522418.jpg", "filepath": "val2014", "split": "test", "cocoid": 522418,
+         "sentids": [681330, 686718, 688839], "sentences": [{"raw": "a woman"}, {"raw": " "}, {"raw": "a kitchen"}]},  # ids from sentids
+        {"filename": "COCO_train2014_000000000009.jpg", "filepath": "train2014", "split": "train", "cocoid": 9,
+         "sentids": [1], "sentences": [{"raw": "food", "sentid": 1}]},
+    ]
+    write_karpathy(tmp_path, images, name="dataset_coco.json")
+    data = json.loads((tmp_path / "dataset_coco.json").read_text())
+    for entry, source in zip(data["images"], images):
+        entry["cocoid"], entry["sentids"] = source["cocoid"], source["sentids"]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
+    pairs = load_pairs(tmp_path, "test", skip_invalid=True)  # the blank caption is skipped: ids stay aligned
+    assert column(pairs, "source_image_id") == ["391895", "391895", "522418", "522418"]
+    assert column(pairs, "source_caption_id") == ["770337", "771687", "681330", "688839"]
+    assert column(pairs, "caption") == ["a man on a bike", "a cyclist", "a woman", "a kitchen"]
+    assert pair_keys(pairs) == (["391895", "522418"], ["770337", "771687", "681330", "688839"])
+    # without original ids: file names and file#k
+    plain = load_pairs(write_karpathy(tmp_path / "plain", [{"filename": "a.png", "sentences": [{"raw": "x"}, {"raw": "y"}]}]),
+                       "train")
+    assert "source_image_id" not in plain.column_names and "source_caption_id" not in plain.column_names
+    assert pair_keys(plain) == (["a.png"], ["a.png#0", "a.png#1"])
+
+
+def test_metadata_image_and_caption_ids_are_kept(tmp_path):
+    write_image(tmp_path / "x.png")
+    write_image(tmp_path / "y.png", colour=(0, 0, 200))
+    rows = [{"file_name": "x.png", "image_id": 17, "captions": ["a", "b"], "caption_id": [170, 171]},
+            {"file_name": "y.png", "image_id": 18, "captions": ["c"], "caption_id": 180}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = load_pairs(tmp_path, "train")
+    assert pair_keys(pairs) == (["17", "18"], ["170", "171", "180"])
+    rows[0]["caption_id"] = [170]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InvalidDataError, match=r"metadata\.jsonl line 1.*1 caption_id value\(s\) for 2 caption"):
+        load_pairs(tmp_path, "train")
+    rows[0]["caption_id"], rows[1]["image_id"] = [170, 171], 17
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InvalidDataError, match=r"two images share the key '17'"):
+        pair_keys(load_pairs(tmp_path, "train"))

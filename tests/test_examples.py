@@ -4,9 +4,11 @@ human judgments), retrieve.py, and the trained folder loading with remote code o
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,3 +126,71 @@ def test_retrieve_script_ranks_images_and_captions(trained, synthetic_dir, tmp_p
         assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
     assert sorted(caption for caption, _ in output["image_to_text"]) == ["a blue square", "a green triangle",
                                                                           "a red circle"]
+
+
+def test_evaluate_script_extra_positives(trained, synthetic_dir, tmp_path):
+    """--extra_positives end to end: ext_ metrics of the listed queries equal loops over the full similarity."""
+    from test_map_at_r import brute_ap_rp, brute_first_hit
+
+    from modeling_bcls import BCLSProcessor
+    from trainer_bcls import encode_split, load_pairs
+    from trainer_bcls.data.caption_index import pair_keys
+
+    output_dir, _ = trained
+    pairs = load_pairs(synthetic_dir, "test")
+    image_keys, caption_keys = pair_keys(pairs)
+    assert caption_keys[0] != f"{image_keys[0]}#0"  # the synthetic Karpathy file has sentids: they are the keys
+    extra = {"i2t": {image_keys[0]: [caption_keys[7], caption_keys[12]], image_keys[3]: []},
+             "t2i": {caption_keys[2]: [image_keys[5], image_keys[6]]}}
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps(extra))
+    evaluate = load_example("evaluate")
+    common = ["--model", str(output_dir), "--dataset", str(synthetic_dir), "--split", "test", "--relevance", "none",
+              "--no_report", "--output_dir", str(tmp_path / "eval")]
+    metrics = evaluate.main(common + ["--extra_positives", str(path)])
+    plain = evaluate.main(common)
+    assert {k: v for k, v in metrics.items() if not k.startswith("ext_")} == pytest.approx(plain)
+    assert {"i2t_map_at_r", "t2i_map_at_r", "i2t_r_precision", "t2i_r_precision"} <= plain.keys()
+    assert metrics["ext_i2t_num_queries"] == 2 and metrics["ext_t2i_num_queries"] == 1
+
+    model = BCLSModel.from_pretrained(output_dir).eval()
+    encoded = encode_split(model, pairs, BCLSProcessor.from_pretrained(output_dir), show_progress=False)
+    sim = (encoded.image_embeds @ encoded.text_embeds.T).numpy()
+    ids = encoded.caption_image_ids
+    rows = {key: i for i, key in enumerate(image_keys)}, {key: i for i, key in enumerate(caption_keys)}
+    for direction, mat, (queries, gallery) in (("i2t", sim, rows), ("t2i", sim.T, rows[::-1])):
+        aps, rps, firsts = [], [], []
+        for key, items in extra[direction].items():
+            q = queries[key]
+            binary = set(np.flatnonzero(ids == q).tolist()) if direction == "i2t" else {int(ids[q])}
+            positive = binary | {gallery[item] for item in items}
+            ap, rp = brute_ap_rp(mat[q], positive, len(positive))
+            aps.append(ap)
+            rps.append(rp)
+            firsts.append(brute_first_hit(mat[q], positive))
+        assert metrics[f"ext_{direction}_map_at_r"] == pytest.approx(100 * np.mean(aps), abs=1e-4)
+        assert metrics[f"ext_{direction}_r_precision"] == pytest.approx(100 * np.mean(rps), abs=1e-4)
+        assert metrics[f"ext_{direction}_r1"] == pytest.approx(100 * np.mean(np.asarray(firsts) <= 1))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", r"extra\.json: not valid JSON"),
+    ('{"i2t": {"no_such_image.png": []}}', r"extra\.json: i2t query 'no_such_image\.png' is not an image key"),
+    ('{"t2i": {"__CAPTION__": ["nope.png"]}}', r"extra\.json: t2i\['\w+'\] lists 'nope\.png', not an image key"),
+    ('{"i2x": {}}', r"extra\.json: expected .*\['i2x'\]"),
+])
+def test_evaluate_script_bad_extra_positives(trained, synthetic_dir, tmp_path, capsys, content, message):
+    from trainer_bcls import load_pairs
+    from trainer_bcls.data.caption_index import pair_keys
+
+    output_dir, _ = trained
+    caption_key = pair_keys(load_pairs(synthetic_dir, "test"))[1][0]
+    path = tmp_path / "extra.json"
+    path.write_text(content.replace("__CAPTION__", caption_key))
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("evaluate").main([
+            "--model", str(output_dir), "--dataset", str(synthetic_dir), "--split", "test", "--relevance", "none",
+            "--no_report", "--output_dir", str(tmp_path / "eval"), "--extra_positives", str(path),
+        ])
+    assert str(exit_info.value).startswith("error: ")
+    assert re.search(message, str(exit_info.value))

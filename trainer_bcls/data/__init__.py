@@ -7,7 +7,7 @@ the image → captions index of a split, the synthetic demo data, train-time aug
 """
 
 from .augmentation import RandomResizedCropFlip
-from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy
+from .caption_index import ImageCaptionIndex, check_pair_view, pair_columns_numpy, pair_keys
 from .errors import InvalidDataError, SkipReport
 from .image_loading import ImageLoadError, load_image, to_rgb
 from .loaders import (
@@ -38,6 +38,7 @@ __all__ = [
     "load_pairs",
     "make_synthetic_dataset",
     "pair_columns_numpy",
+    "pair_keys",
     "resolve_image_column",
     "to_rgb",
     "validate_images",

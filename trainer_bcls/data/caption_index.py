@@ -152,3 +152,40 @@ def _check_dense(ids: np.ndarray, name: str, allow_repeats: bool = False) -> Non
             f"{name} must be dense (0..{len(present) - 1} all present); {len(missing)} missing, e.g. {missing[:5].tolist()}. "
             "After filtering a pair view, renumber it with trainer_bcls.data.loaders.densify_ids(pairs)."
         )
+
+
+def pair_keys(pairs: Dataset, index: ImageCaptionIndex | None = None) -> tuple[list[str], list[str]]:
+    """The names files use for a split's images and captions: ``(image_keys[image_id], caption_keys[caption_id])``.
+
+    An image is named by the source's own id (``source_image_id``: Karpathy ``cocoid``, a metadata ``image_id``),
+    else by its ``filename``, else by its ``image_id``; a caption by ``source_caption_id`` (Karpathy ``sentids``, a
+    metadata ``caption_id``), else ``<image key>#<k>``, k its 0-based place among its image's captions (the
+    Flickr8k token-file form). Two images or captions with one key are an ``InvalidDataError`` naming it.
+    """
+    index = index if index is not None else ImageCaptionIndex.from_pairs(pairs)
+    extra = [c for c in ("source_image_id", "source_caption_id") if c in pairs.column_names]
+    cols = pair_columns_numpy(pairs, ["image_id", "caption_id"] + extra)
+    caption_ids = np.asarray(cols["caption_id"], dtype=np.int64)
+    if "source_image_id" in cols:
+        values = cols["source_image_id"]
+        values = values.tolist() if hasattr(values, "tolist") else values
+        image_keys = [str(values[row]) for row in index.image_row.tolist()]
+    else:
+        image_keys = [name or str(i) for i, name in enumerate(index.filenames)]
+    if "source_caption_id" in cols:
+        values = cols["source_caption_id"]
+        values = values.tolist() if hasattr(values, "tolist") else values
+        caption_keys = [""] * index.num_captions
+        for cid, value in zip(caption_ids.tolist(), values):
+            caption_keys[cid] = str(value)
+    else:
+        caption_keys = [""] * index.num_captions
+        for image, captions in enumerate(index.image_caption_ids):
+            for k, cid in enumerate(captions.tolist()):
+                caption_keys[cid] = f"{image_keys[image]}#{k}"
+    for what, keys in (("image", image_keys), ("caption", caption_keys)):
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if first.setdefault(key, i) != i:
+                raise InvalidDataError(f"two {what}s share the key {key!r} ({what}_id {first[key]} and {i})")
+    return image_keys, caption_keys

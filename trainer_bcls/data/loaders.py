@@ -8,6 +8,11 @@ Pair view (one row per caption, the training view)::
     caption_id  int64, dense 0..N_captions-1 within the split, grouped by image
     filename    string, the image file (for reports)
 
+and, where the source has them, its original ids (strings), the keys of extended-positive files (COCO /
+ECCV Caption ids): ``source_image_id`` (Karpathy ``cocoid``, a metadata ``image_id``) and ``source_caption_id``
+(Karpathy ``sentids``, a metadata ``caption_id``); :func:`trainer_bcls.data.caption_index.pair_keys` names every
+image and caption by them, else by file name and ``file#k``.
+
 The image → captions view is :class:`ImageCaptionIndex` (``ImageCaptionIndex.from_pairs(pairs)``).
 
 Loaders: :func:`load_karpathy` (``dataset_*.json`` + image folder, as used for Flickr8k/Flickr30k/COCO retrieval),
@@ -29,7 +34,7 @@ import csv
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +72,7 @@ PAIR_FEATURES = Features(
         "filename": Value("string"),
     }
 )
+SOURCE_ID_FEATURES = {"source_image_id": Value("string"), "source_caption_id": Value("string")}
 SPLIT_ALIASES = {"validation": ("val", "dev", "valid"), "val": ("validation", "dev", "valid"), "dev": ("val", "validation")}
 CAPTION_COLUMN_CANDIDATES = ("caption", "captions", "text", "sentences")
 
@@ -80,6 +86,9 @@ class _ImageEntry:
     where: str  # names the file/row for error messages
     value: Any  # the image value: an absolute path, or a row index into the source dataset
     path: str | None = None  # local file to check for existence
+    image_key: str | None = None  # the source's own image id (Karpathy cocoid, metadata image_id)
+    caption_keys: list[str | None] | None = None  # the source's own caption ids, one per caption
+    kept: list[int] = field(default_factory=list)  # indices of the captions that passed validation
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,6 +128,7 @@ def _report_duplicates(
             for group in groups:
                 for i in group[1:]:
                     kept[group[0]][1].extend(kept[i][1])
+                kept[group[0]][0].caption_keys = None  # merged captions: the source caption ids are not kept
             kept = [item for i, item in enumerate(kept) if i not in drop]
             logger.warning("merged %d byte-identical image(s) into %d image(s) (e.g. %s)", copies + len(groups),
                            len(groups), examples)
@@ -150,6 +160,7 @@ def _validate_entries(
     kept: list[tuple[_ImageEntry, list[str]]] = []
     for entry in entries:
         captions: list[str] = []
+        entry.kept = []
         for k, caption in enumerate(entry.captions):
             if not isinstance(caption, str):
                 report.handle(
@@ -162,6 +173,7 @@ def _validate_entries(
                 report.handle(skip_invalid, "empty caption", f"{entry.where}: caption {k} is empty", f"{entry.where} caption {k}")
             else:
                 captions.append(caption.strip())
+                entry.kept.append(k)
         if not captions:
             why = "no valid caption left" if entry.captions else "no caption"
             report.handle(skip_invalid, "image with no caption", f"{entry.where}: image {entry.filename!r} has {why}", entry.where)
@@ -205,13 +217,26 @@ def _pair_columns(kept: list[tuple[_ImageEntry, list[str]]]) -> dict[str, list]:
             columns["image_id"].append(image_id)
             columns["caption_id"].append(len(columns["caption_id"]))
             columns["filename"].append(entry.filename)
+    if all(entry.image_key is not None for entry, _ in kept):
+        columns["source_image_id"] = [entry.image_key for entry, captions in kept for _ in captions]
+    caption_keys = [
+        entry.caption_keys[k] if entry.caption_keys is not None and k < len(entry.caption_keys) else None
+        for entry, _ in kept for k in entry.kept
+    ]
+    if all(key is not None for key in caption_keys):
+        columns["source_caption_id"] = caption_keys
     return columns
+
+
+def _features(columns: dict[str, list]) -> Features:
+    return Features({**PAIR_FEATURES, **{k: v for k, v in SOURCE_ID_FEATURES.items() if k in columns}})
 
 
 def _pairs_from_paths(kept: list[tuple[_ImageEntry, list[str]]]) -> Dataset:
     columns = _pair_columns(kept)
     columns["image"] = [entry.value for entry, captions in kept for _ in captions]
-    return Dataset.from_dict({name: columns[name] for name in PAIR_FEATURES}, features=PAIR_FEATURES)
+    features = _features(columns)
+    return Dataset.from_dict({name: columns[name] for name in features}, features=features)
 
 
 def _pairs_from_source(kept: list[tuple[_ImageEntry, list[str]]], source: Dataset, image_column: str) -> Dataset:
@@ -221,8 +246,9 @@ def _pairs_from_source(kept: list[tuple[_ImageEntry, list[str]]], source: Datase
     images = _undecoded(source.select_columns([image_column]), image_column).select(rows).flatten_indices()
     if image_column != "image":
         images = images.rename_column(image_column, "image")
-    for name in ("caption", "image_id", "caption_id", "filename"):
-        images = images.add_column(name, columns[name], feature=PAIR_FEATURES[name])
+    for name, feature in _features(columns).items():
+        if name != "image":
+            images = images.add_column(name, columns[name], feature=feature)
     return images.cast_column("image", Image())
 
 
@@ -339,7 +365,8 @@ def load_karpathy(
         if not isinstance(sentences, list):
             report.handle(skip_invalid, "malformed entry", f"{where}: 'sentences' must be a list", where)
             continue
-        captions = []
+        captions, caption_keys = [], []
+        sentids = e.get("sentids") if isinstance(e.get("sentids"), list) else []
         for k, s in enumerate(sentences):
             sid = s.get("sentid") if isinstance(s, dict) else None
             if sid is not None and sid in seen_sentids:
@@ -353,13 +380,17 @@ def load_karpathy(
             if sid is not None:
                 seen_sentids[sid] = idx
             captions.append(s.get("raw") if isinstance(s, dict) else s)
+            key = sid if sid is not None else (sentids[k] if len(sentids) == len(sentences) else None)
+            caption_keys.append(None if key is None else str(key))
         seen_files[rel] = idx
         if "imgid" in e:
             seen_imgids[e["imgid"]] = idx
         path_str = os.path.normpath(root / rel)
         if not _check_inside(report, skip_invalid, where, path_str, [root, json_path.parent], allow_outside_paths):
             continue
-        entries.append(_ImageEntry(filename=rel, captions=captions, where=where, value=path_str, path=path_str))
+        image_key = None if e.get("cocoid") is None else str(e["cocoid"])
+        entries.append(_ImageEntry(filename=rel, captions=captions, where=where, value=path_str, path=path_str,
+                                   image_key=image_key, caption_keys=caption_keys))
     kept = _validate_entries(entries, report, skip_invalid, check_images, merge_duplicates=merge_duplicate_images)
     return _finish(kept, report, f"load_karpathy({json_path.name}, {sorted(splits)})", _pairs_from_paths)
 
@@ -510,7 +541,16 @@ def load_imagefolder(
         path_str = os.path.normpath(meta.parent / file_name)
         if not _check_inside(report, skip_invalid, where, path_str, [root], allow_outside_paths):
             continue
-        entries.append(_ImageEntry(filename=file_name, captions=captions, where=where, value=path_str, path=path_str))
+        image_key = None if row.get("image_id") in (None, "") else str(row["image_id"])
+        caption_keys = None
+        if row.get("caption_id") not in (None, ""):
+            caption_keys = [str(key) for key in _as_caption_list(row["caption_id"])]
+            if len(caption_keys) != len(captions):
+                raise InvalidDataError(
+                    f"{where}: {len(caption_keys)} caption_id value(s) for {len(captions)} caption(s); give one per caption"
+                )
+        entries.append(_ImageEntry(filename=file_name, captions=captions, where=where, value=path_str, path=path_str,
+                                   image_key=image_key, caption_keys=caption_keys))
     kept = _validate_entries(entries, report, skip_invalid, check_images, merge_duplicates=merge_duplicate_images)
     return _finish(kept, report, f"load_imagefolder({meta})", _pairs_from_paths)
 

@@ -1,6 +1,7 @@
 # Copyright 2024 The BCLS Authors. Licensed under the Apache License, Version 2.0.
-"""Image-text retrieval metrics: chunked Recall@K / rank statistics, relevance-aware ranking metrics
-(Kendall tau-b, nDCG@k) and Kendall tau-c against human judgments (Flickr8k-Expert / CrowdFlower).
+"""Image-text retrieval metrics: chunked Recall@K / rank statistics, mAP@R and R-Precision (ECCV Caption, with
+binary or extended positives), relevance-aware ranking metrics (Kendall tau-b, nDCG@k) and Kendall tau-c against
+human judgments (Flickr8k-Expert / CrowdFlower).
 
 This file is self-contained (numpy / torch / datasets / evaluate and the standard library only, no package or
 relative imports) so that it is both ``trainer_bcls.evaluation.metrics`` and an ``evaluate`` module script::
@@ -15,7 +16,10 @@ Conventions (used everywhere below):
   (no sort). A full sort breaks ties arbitrarily; the reference that matches this convention is a stable
   lexicographic sort by (score descending, positives first);
 * ``R@K = 100 * mean(rank <= K)`` (percent), ``rsum = sum of the i2t and t2i R@K`` (VSE++ / SCAN),
-  ``medr = floor(median(rank - 1)) + 1`` and ``meanr = mean(rank)`` exactly as VSE++.
+  ``medr = floor(median(rank - 1)) + 1`` and ``meanr = mean(rank)`` exactly as VSE++;
+* mAP@R and R-Precision (ECCV Caption): for a query with R positives, ``R-P = P@R`` and
+  ``mAP@R = (1/R) sum_{r<=R} P@r 1[item r is positive]``, on the list sorted by (score descending, positives
+  first), the same optimistic tie rule; computed from a top-R per query, never a full sort.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import datasets
 import evaluate
@@ -234,6 +238,193 @@ def rank_summary(ranks: ArrayLike, ks: Sequence[int] = (1, 5, 10), prefix: str =
     out[f"{prefix}medr"] = float(np.floor(np.median(r.numpy() - 1)) + 1)
     out[f"{prefix}meanr"] = float(r.mean())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mAP@R and R-Precision (ECCV Caption, Chun et al. 2022), binary or extended positives
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _precision_at_r_rows(
+    sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, num_relevant: torch.Tensor, recall_k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query row of ``sim [Q, N]``: ``(sum of P@pos over positives at pos <= R, #positives in the top R,
+    first-hit rank)`` from the top ``min(N, max(R, recall_k))`` scores only (no sort of the rows).
+
+    ``rows, cols [P]``: the query's positives in the gallery (unique pairs); ``num_relevant [Q]``: R per query
+    (>= its in-gallery positives; positives outside the gallery count in R and are never retrieved).
+    Tie rule (optimistic, as the ranks): the list is sorted by (score descending, positives first), so the k-th
+    positive by score sits at ``pos_k = k + #{negatives c : s(c) > s(p_k)}`` and ``P@pos_k = k / pos_k``. Only
+    positions <= R matter, and those need only the candidates above the R-th largest score: a top-k. The
+    first-hit rank is ``1 + #{c : s(c) > best positive}``, exact up to ``recall_k`` (larger: > recall_k), and
+    the largest int64 for a query with no positive in the gallery.
+    """
+    q, n = sim.shape
+    k = min(n, max(int(num_relevant.max()) if q else 0, recall_k, 1))
+    values, index = torch.topk(sim, k, dim=1)
+    first = torch.full((q,), torch.iinfo(torch.long).max, dtype=torch.long)
+    ap = torch.zeros(q, dtype=torch.float64)
+    hits = torch.zeros(q, dtype=torch.long)
+    if rows.numel() == 0:
+        return ap, hits, first
+    keys = rows * n + cols
+    in_top = torch.arange(q)[:, None] * n + index
+    negative_values = values.masked_fill(torch.isin(in_top, keys), -math.inf)
+    scores = sim[rows, cols]
+    negatives_above = (negative_values[rows] > scores[:, None]).sum(dim=1)
+    # k of each positive: its 1-based place among its query's positives by score descending
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    counts = torch.bincount(rows, minlength=q)
+    group_start = torch.cumsum(counts, 0) - counts
+    kth = torch.empty_like(rows)
+    kth[order] = torch.arange(rows.numel()) - group_start[rows[order]] + 1
+    position = kth + negatives_above
+    hit = position <= num_relevant[rows]
+    ap.index_add_(0, rows[hit], kth[hit].double() / position[hit].double())
+    hits += torch.bincount(rows[hit], minlength=q)
+    best = torch.full((q,), -math.inf, dtype=sim.dtype).scatter_reduce_(0, rows, scores, reduce="amax")
+    has_positive = counts > 0
+    first[has_positive] = 1 + (values[has_positive] > best[has_positive, None]).sum(dim=1)
+    return ap, hits, first
+
+
+def map_at_r(
+    sim_chunk: ArrayLike, positive_mask_chunk: ArrayLike, num_relevant: Optional[ArrayLike] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mAP@R, R-Precision)`` per query row (fractions, float64 ``[Q]``), ECCV Caption's definitions.
+
+    For a query with R positives, ``R-P = P@R`` and ``mAP@R = (1/R) sum_{r<=R} P@r * 1[item r is positive]``,
+    ``P@r`` = positives among the first r / r. Ranking: score descending, ties broken in favour of positives.
+    ``num_relevant [Q]`` (default: the mask's row sums) may exceed them: the extra positives are not in the
+    gallery and count as misses (also when R exceeds the gallery size).
+    """
+    sim = _to_tensor(sim_chunk)
+    mask = _to_tensor(positive_mask_chunk).bool()
+    if sim.ndim != 2 or mask.shape != sim.shape:
+        raise ValueError(
+            "`sim_chunk` and `positive_mask_chunk` must be 2-D of equal shape, "
+            f"got {tuple(sim.shape)} and {tuple(mask.shape)}."
+        )
+    if torch.isnan(sim).any():
+        raise ValueError(f"`sim_chunk` contains NaN (row {int(torch.nonzero(torch.isnan(sim))[0, 0])}).")
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    in_gallery = mask.sum(dim=1)
+    r = in_gallery if num_relevant is None else _to_tensor(num_relevant).long()
+    if r.shape != in_gallery.shape or bool((r < in_gallery).any()):
+        raise ValueError(f"`num_relevant` must have shape [{sim.shape[0]}] and be >= each row's positives.")
+    if bool((r < 1).any()):
+        raise ValueError(f"Query row {int(torch.nonzero(r < 1)[0])} has no positive.")
+    ap, hits, _ = _precision_at_r_rows(sim, rows, cols, r)
+    return ap / r, hits.double() / r
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedPositives:
+    """Complete positive sets of some queries, scored with mAP@R, R-Precision and R@K under ``prefix``.
+
+    ``i2t[image_row] = caption rows``, ``t2i[caption_row] = image rows`` (rows of ``image_embeds`` /
+    ``text_embeds``). Only the listed queries are scored (ECCV Caption scores its 1,332 / 1,261 annotated ones),
+    and the lists replace the binary positives: add those yourself (:func:`with_binary_positives`).
+    ``i2t_outside[image_row]`` / ``t2i_outside``: positives of a listed query that are not in the gallery; they
+    count in R and are never retrieved.
+    """
+
+    i2t: Mapping[int, Sequence[int]] = dataclasses.field(default_factory=dict)
+    t2i: Mapping[int, Sequence[int]] = dataclasses.field(default_factory=dict)
+    i2t_outside: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    t2i_outside: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    prefix: str = "eccv_"
+
+
+def with_binary_positives(extended: ExtendedPositives, caption_image_ids: ArrayLike) -> ExtendedPositives:
+    """``extended`` with each listed query's binary positives added (i2t: the image's captions, t2i: its image)."""
+    ids = np.asarray(_to_tensor(caption_image_ids).long())
+    captions_of: dict[int, list[int]] = {}
+    for caption, image in enumerate(ids.tolist()):
+        captions_of.setdefault(image, []).append(caption)
+    i2t = {int(q): list(dict.fromkeys([*captions_of.get(int(q), []), *map(int, v)])) for q, v in extended.i2t.items()}
+    t2i = {}
+    for q, v in extended.t2i.items():
+        if not 0 <= int(q) < len(ids):
+            raise ValueError(f"{extended.prefix}t2i: query caption row {q} is not a caption (0 <= row < {len(ids)}).")
+        t2i[int(q)] = list(dict.fromkeys([int(ids[int(q)]), *map(int, v)]))
+    return dataclasses.replace(extended, i2t=i2t, t2i=t2i)
+
+
+class _PrecisionAtR:
+    """Accumulates mAP@R, R-P (and R@K) of the listed queries of one direction, chunk by chunk."""
+
+    def __init__(
+        self, positives: Mapping[int, Sequence[int]], outside: Mapping[int, int], num_queries: int,
+        num_gallery: int, what: str, recall_k: int = 0,
+    ) -> None:
+        queries = sorted(int(q) for q in positives)
+        for q in queries:
+            if not 0 <= q < num_queries:
+                raise ValueError(f"{what}: query row {q} is not a query (0 <= row < {num_queries}).")
+        for q in outside:
+            if int(q) not in positives:
+                raise ValueError(f"{what}: query row {q} has positives outside the gallery but no list of positives.")
+        lists = []
+        for q in queries:
+            items = sorted({int(c) for c in positives[q]})
+            if items and not (0 <= items[0] and items[-1] < num_gallery):
+                bad = next(c for c in items if not 0 <= c < num_gallery)
+                raise ValueError(f"{what}: positive {bad} of query {q} is not a gallery row (0 <= row < {num_gallery}).")
+            lists.append(items)
+        counts = [len(items) for items in lists]
+        extra = [int(outside.get(q, 0)) for q in queries]
+        if any(e < 0 for e in extra):
+            raise ValueError(f"{what}: a negative count of positives outside the gallery.")
+        self.queries = torch.tensor(queries, dtype=torch.long)
+        self.items = torch.tensor([c for items in lists for c in items], dtype=torch.long)
+        self.offsets = torch.zeros(len(queries) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
+        self.num_relevant = torch.tensor(counts, dtype=torch.long) + torch.tensor(extra, dtype=torch.long)
+        empty = torch.nonzero(self.num_relevant < 1).flatten()
+        if empty.numel():
+            raise ValueError(f"{what}: query row {queries[int(empty[0])]} has no positive.")
+        self.recall_k = recall_k
+        self.ap = torch.zeros(len(queries), dtype=torch.float64)
+        self.hits = torch.zeros(len(queries), dtype=torch.long)
+        self.first = torch.zeros(len(queries), dtype=torch.long)
+
+    @classmethod
+    def binary_i2t(cls, ids: torch.Tensor, num_images: int) -> "_PrecisionAtR":
+        self = cls.__new__(cls)
+        sorted_ids, by_image = torch.sort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=num_images)
+        self.queries = torch.arange(num_images)
+        self.items, self.num_relevant = by_image, counts
+        self.offsets = torch.zeros(num_images + 1, dtype=torch.long)
+        self.offsets[1:] = torch.cumsum(counts, 0)
+        self.recall_k = 0
+        self.ap = torch.zeros(num_images, dtype=torch.float64)
+        self.hits = torch.zeros(num_images, dtype=torch.long)
+        self.first = torch.zeros(num_images, dtype=torch.long)
+        return self
+
+    def add(self, start: int, sim: torch.Tensor) -> None:
+        lo, hi = torch.searchsorted(self.queries, torch.tensor([start, start + sim.shape[0]])).tolist()
+        if lo == hi:
+            return
+        local = self.queries[lo:hi] - start
+        sub = sim if hi - lo == sim.shape[0] else sim[local]
+        a, b = int(self.offsets[lo]), int(self.offsets[hi])
+        rows = torch.repeat_interleave(torch.arange(hi - lo), self.offsets[lo + 1 : hi + 1] - self.offsets[lo:hi])
+        ap, hits, first = _precision_at_r_rows(sub, rows, self.items[a:b], self.num_relevant[lo:hi], self.recall_k)
+        self.ap[lo:hi], self.hits[lo:hi], self.first[lo:hi] = ap, hits, first
+
+    def result(self, prefix: str, direction: str, ks: Sequence[int] = ()) -> dict[str, float]:
+        r = self.num_relevant.double()
+        out = {
+            f"{prefix}{direction}_map_at_r": 100.0 * float((self.ap / r).mean()),
+            f"{prefix}{direction}_r_precision": 100.0 * float((self.hits.double() / r).mean()),
+        }
+        for k in ks:
+            out[f"{prefix}{direction}_r{k}"] = 100.0 * float((self.first <= k).double().mean())
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,6 +638,8 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     relevance: Optional[RelevanceLike] = None,
     ndcg_k: int = 10,
+    precision_at_r: bool = True,
+    extended_positives: Optional[Union[ExtendedPositives, Sequence[ExtendedPositives]]] = None,
 ) -> dict[str, float]:
     """Image->text and text->image retrieval metrics, chunked over queries.
 
@@ -460,13 +653,19 @@ def retrieval_metrics(
         relevance: optional continuous relevance, an array ``[Ni, Nt]`` or a callable
             ``relevance(image_indices: np.ndarray) -> [len(image_indices), Nt]`` (rows fetched chunk by chunk).
         ndcg_k: cut-off of the relevance nDCG.
+        precision_at_r: also mAP@R and R-Precision with the binary positives (see :func:`map_at_r`).
+        extended_positives: one or more :class:`ExtendedPositives` (e.g. ECCV Caption's): mAP@R, R-Precision and
+            R@K of their listed queries under their prefix, from the same similarity chunks.
 
     Returns:
         ``i2t_r{k}``, ``t2i_r{k}`` (percent), ``rsum``, ``i2t_medr``, ``i2t_meanr``, ``t2i_medr``, ``t2i_meanr``;
         with ``relevance``: ``kendall_tau_b`` (mean over image queries of tau-b between the similarity row and
         the relevance row over all Nt captions; rows where it is undefined are left out) and ``ndcg@{ndcg_k}``
         (see :func:`ndcg_at_k`); if ``relevance`` is an array, also ``t2i_kendall_tau_b`` and ``t2i_ndcg@{ndcg_k}``
-        over caption queries (columns of ``relevance``).
+        over caption queries (columns of ``relevance``); with ``precision_at_r``: ``i2t_map_at_r``,
+        ``i2t_r_precision`` (R = the image's captions), ``t2i_map_at_r``, ``t2i_r_precision`` (R = 1, so both equal
+        t2i R@1), in percent; per ``extended_positives`` ``e``: ``{e.prefix}{i2t,t2i}_{map_at_r,r_precision,r{k}}``
+        and ``{e.prefix}{i2t,t2i}_num_queries`` for each direction with listed queries.
     """
     chunk_size = _check_chunk_size(chunk_size)
     ks = tuple(int(k) for k in ks)
@@ -497,8 +696,36 @@ def retrieval_metrics(
             def on_t2i(start: int, sim: torch.Tensor) -> None:
                 t2i_rel.add(sim, _relevance_chunk(relevance, start, start + sim.shape[0], num_images, transpose=True))
 
-    i2t = _i2t_ranks(images, texts, ids, chunk_size, on_i2t)
-    t2i = _t2i_ranks(images, texts, ids, chunk_size, on_t2i)
+    i2t_callbacks = [on_i2t] if on_i2t is not None else []
+    t2i_callbacks = [on_t2i] if on_t2i is not None else []
+    binary_i2t = _PrecisionAtR.binary_i2t(ids, num_images) if precision_at_r else None
+    if binary_i2t is not None:
+        i2t_callbacks.append(binary_i2t.add)
+    if isinstance(extended_positives, ExtendedPositives):
+        extended_positives = [extended_positives]
+    extended = []
+    for e in extended_positives or ():
+        acc = {}
+        for direction, lists, outside, nq, ng in (
+            ("i2t", e.i2t, e.i2t_outside, num_images, num_texts), ("t2i", e.t2i, e.t2i_outside, num_texts, num_images),
+        ):
+            if lists:
+                acc[direction] = _PrecisionAtR(lists, outside, nq, ng, f"{e.prefix}{direction}", max(ks, default=0))
+                (i2t_callbacks if direction == "i2t" else t2i_callbacks).append(acc[direction].add)
+        extended.append((e.prefix, acc))
+
+    def call_all(callbacks):
+        if not callbacks:
+            return None
+
+        def on_chunk(start: int, sim: torch.Tensor) -> None:
+            for callback in callbacks:
+                callback(start, sim)
+
+        return on_chunk
+
+    i2t = _i2t_ranks(images, texts, ids, chunk_size, call_all(i2t_callbacks))
+    t2i = _t2i_ranks(images, texts, ids, chunk_size, call_all(t2i_callbacks))
 
     out_i2t, out_t2i = rank_summary(i2t, ks, "i2t_"), rank_summary(t2i, ks, "t2i_")
     out = {f"i2t_r{k}": out_i2t[f"i2t_r{k}"] for k in ks}
@@ -508,10 +735,18 @@ def retrieval_metrics(
         out[key] = out_i2t[key]
     for key in ("t2i_medr", "t2i_meanr"):
         out[key] = out_t2i[key]
+    if binary_i2t is not None:
+        out.update(binary_i2t.result("", "i2t"))
+        t2i_top = 100.0 * float((t2i == 1).double().mean())  # R = 1: AP = P@1 = 1[rank = 1]
+        out.update({"t2i_map_at_r": t2i_top, "t2i_r_precision": t2i_top})
     if i2t_rel is not None:
         out.update(i2t_rel.result(""))
     if t2i_rel is not None:
         out.update(t2i_rel.result("t2i_"))
+    for prefix, acc in extended:
+        for direction, accumulator in acc.items():
+            out.update(accumulator.result(prefix, direction, ks))
+            out[f"{prefix}{direction}_num_queries"] = int(accumulator.queries.numel())
     return out
 
 
@@ -635,8 +870,10 @@ Compute keyword arguments:
     relevance: optional [Ni, Nt] array or callable (see retrieval_metrics), rows = images in ascending
         image_id order, columns = captions in the order the rows were added,
     image_embed_atol (default 1e-2): rows of one image_id must have image embeddings equal within this
-        tolerance (None disables the check).
-Returns: the retrieval_metrics dictionary (i2t_r1, ..., rsum, i2t_medr, ...).
+        tolerance (None disables the check),
+    precision_at_r (default True): also mAP@R and R-Precision,
+    extended_positives: optional ExtendedPositives (rows and columns numbered as for relevance).
+Returns: the retrieval_metrics dictionary (i2t_r1, ..., rsum, i2t_medr, ..., i2t_map_at_r, i2t_r_precision, ...).
 Example:
     >>> metric = evaluate.load("trainer_bcls/evaluation/metrics.py")
     >>> metric.add_batch(image_embeds=out.image_embeds, text_embeds=out.text_embeds, image_ids=batch["image_ids"])
@@ -680,6 +917,8 @@ class BCLSRetrievalMetric(evaluate.Metric):
         relevance: Optional[RelevanceLike] = None,
         ndcg_k: int = 10,
         image_embed_atol: Optional[float] = 1e-2,
+        precision_at_r: bool = True,
+        extended_positives: Optional[Union[ExtendedPositives, Sequence[ExtendedPositives]]] = None,
     ) -> dict[str, float]:
         if len(image_ids) == 0:
             raise ValueError("No (image, caption) rows were added to the metric.")
@@ -705,5 +944,5 @@ class BCLSRetrievalMetric(evaluate.Metric):
                 )
         return retrieval_metrics(
             unique_images, texts, caption_image_ids.reshape(-1), ks=ks, chunk_size=chunk_size,
-            relevance=relevance, ndcg_k=ndcg_k,
+            relevance=relevance, ndcg_k=ndcg_k, precision_at_r=precision_at_r, extended_positives=extended_positives,
         )

@@ -137,8 +137,12 @@ def _captions_by_id(pairs) -> list[str]:
     return ordered
 
 
-def split_metrics(encoded: EncodedSplit, relevance=None, chunk_size: int = 1024) -> dict[str, float]:
-    """Retrieval metrics of an encoded split; `relevance` ([`RelevanceLabels`]) adds Kendall τ-b and nDCG@10."""
+def split_metrics(
+    encoded: EncodedSplit, relevance=None, chunk_size: int = 1024, extended_positives=None
+) -> dict[str, float]:
+    """Retrieval metrics of an encoded split (R@K, rsum, ranks, mAP@R, R-Precision); `relevance`
+    ([`RelevanceLabels`]) adds Kendall τ-b and nDCG@10, `extended_positives` ([`ExtendedPositives`], e.g. from
+    `extended_positives.load_extra_positives`) their prefixed mAP@R / R-P / R@K."""
     relevance_rows = None
     if relevance is not None:
         all_captions = np.arange(len(encoded.caption_image_ids))
@@ -152,6 +156,7 @@ def split_metrics(encoded: EncodedSplit, relevance=None, chunk_size: int = 1024)
         encoded.caption_image_ids,
         chunk_size=chunk_size,
         relevance=relevance_rows,
+        extended_positives=extended_positives,
     )
 
 
