@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plain = plain_tower_throughput(build(tower_dir, text_dir, recipe)[0], processor, pairs, 64)
         rows.append(dict(recipe=recipe, bare=bare, cached=cached, off=off, before=before, build_s=build_seconds,
                          images=images, captions=len(caches.text.rows) if caches.text else 0, plain_img_s=plain,
-                         build_img_s=caches.vision.computed / caches.vision.seconds))
+                         build_img_s=caches.vision.computed / caches.vision.seconds,
+                         build_tower_img_s=caches.vision.computed / max(caches.vision.tower_seconds, 1e-9)))
 
     print(f"\n{source}: {args.images} images / {len(pairs)} pairs, EfficientNet-{variant} {size} px + all-MiniLM-L6-v2, "
           f"batch {BATCH}, {args.threads} thread(s)\n")
@@ -243,11 +244,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['recipe']} | {r['bare']:.3f} | {r['cached']:.3f} | {r['cached'] / r['bare']:.2f}× | {r['off']:.2f} | "
               f"{r['off'] / r['cached']:.1f}× | {r['before']:.2f} | {r['before'] / r['cached']:.1f}× |")
-    print("\n| recipe | cache build (cold), both towers | images | captions | image cache build, img/s (decode + preprocess + tower) | plain transformers forward, img/s (tower only) | × |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| recipe | cache fill (cold), both towers | images | captions | image fill, img/s (decode + preprocess + tower) | "
+          "image tower in the fill, img/s | plain transformers forward, img/s | tower × plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['recipe']} | {r['build_s']:.1f} s | {r['images']} | {r['captions']} | {r['build_img_s']:.1f} | "
-              f"{r['plain_img_s']:.1f} | {r['build_img_s'] / r['plain_img_s']:.2f}× |")
+              f"{r['build_tower_img_s']:.1f} | {r['plain_img_s']:.1f} | {r['build_tower_img_s'] / r['plain_img_s']:.2f}× |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

@@ -70,6 +70,7 @@ class TowerFeatureCache:
     loaded: int = 0
     location: str = "memory"
     seconds: float = 0.0  # spent computing rows (cold part)
+    tower_seconds: float = 0.0  # of which in the image tower's forward
 
     @property
     def nbytes(self) -> int:
@@ -168,13 +169,19 @@ class _Builder:
         self.processor, self.max_length, self.autocast, self.batch_size = processor, max_length, autocast, batch_size
         self.device = next(model.parameters()).device
 
+    tower_seconds = 0.0  # time spent in the tower's forward (the rest of a fill is decoding and preprocessing)
+
     @torch.no_grad()
     def vision_rows(self, pixel_values: torch.Tensor) -> PackedRows:
         pixel_values = pixel_values.to(self.device)
+        start = time.perf_counter()
         with self.autocast():
             if self.mode == "pooled":
-                return _pack_fixed(self.model._pool_image(pixel_values))
-            return _pack_fixed(self.boundary.capture(self.model.vision_model, pixel_values=pixel_values))
+                rows = _pack_fixed(self.model._pool_image(pixel_values))
+            else:
+                rows = _pack_fixed(self.boundary.capture(self.model.vision_model, pixel_values=pixel_values))
+        self.tower_seconds += time.perf_counter() - start
+        return rows
 
     @torch.no_grad()
     def text_rows(self, captions: list[str]) -> PackedRows:
@@ -461,7 +468,8 @@ def build_feature_caches(
             if row is not None:
                 row_of_id[int(unique[i])] = row
         cache = TowerFeatureCache(kind, mode, table, row_of_id, boundary, computed=len(computed_items),
-                                  loaded=len(keys) - len(missing), location=location, seconds=seconds)
+                                  loaded=len(keys) - len(missing), location=location, seconds=seconds,
+                                  tower_seconds=builder.tower_seconds)
         setattr(caches, kind, cache)
         if is_main_process:
             logger.info("feature cache: %s", cache.describe())
