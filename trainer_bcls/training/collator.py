@@ -82,7 +82,7 @@ class BCLSDataCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         images, captions, image_ids, caption_ids = [], [], [], []
         for k, row in enumerate(rows):
-            missing = [key for key in ROW_KEYS if key not in row]
+            missing = [key for key in ROW_KEYS if key not in row and (key != "image" or self.load_images)]
             if missing:
                 raise KeyError(
                     f"batch row {k} has no {missing} (keys: {sorted(row)}); pass pair-view rows "

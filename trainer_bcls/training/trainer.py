@@ -136,9 +136,14 @@ class BCLSTrainer(Trainer):
         if frozen:  # the Trainer's model.zero_grad() after every step: only parameters that can have a gradient
             params = tuple(p for p in model.parameters() if p.requires_grad or p.grad is not None)
             model.zero_grad = partial(_zero_grads, params)
+        train_dataset = self.train_dataset
+        if self.feature_caches.vision is not None and isinstance(train_dataset, Dataset):
+            # the collator reads no image: the data loader need not fetch the column from Arrow at every step
+            self.train_dataset = train_dataset.select_columns([c for c in train_dataset.column_names if c != "image"])
         try:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:
+            self.train_dataset = train_dataset
             if hasattr(collator, "load_images"):
                 collator.load_images, collator.tokenize = True, True
             if frozen:
