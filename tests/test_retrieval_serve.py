@@ -4,6 +4,7 @@ chromium-driver`)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -195,3 +196,27 @@ def test_browser_shows_thumbnails_of_the_expected_hits_and_a_click_searches_by_t
             wait.until(lambda d: "empty" in d.find_element(By.ID, "error").text)
         finally:
             driver.quit()
+
+
+def test_index_cli_records_the_type_and_search_cli_takes_the_search_flags(served, tmp_path, capsys):
+    retrieve = load_example("retrieve")
+    root = served["root"]
+    summary = retrieve.main(["index", "--model", str(root / "model"), "--images", str(root / "images"), "--output",
+                             str(tmp_path / "idx"), "--index_type", "hnsw", "--hnsw_m", "8", "--no_progress"])
+    assert summary["index_type"] == "hnsw" and summary["index_params"] == {"M": 8}
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["index"]["requested"] == "hnsw" and manifest["index"]["params"] == {"M": 8}
+    rows = retrieve.main(["search", "--index", str(tmp_path / "idx"), "--query", "a red circle", "--top_k", "3",
+                          "--ef_search", "16", "--rescore"])
+    assert [r["path"] for r in rows] == expected(served, "a red circle", 3)
+    from trainer_bcls.cli import run_cli
+
+    for argv, words in ((["--index_type", "ivf", "--pq_m", "4"], "--pq_m applies"),
+                        (["--index_type", "annoy"], "--index_type"),
+                        (["--index_type", "auto", "--max_index_memory", "lots"], "--max_index_memory")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) if "annoy" in argv or "lots" in argv else contextlib.nullcontext():
+            code = run_cli(retrieve.main, ["index", "--model", str(root / "model"), "--images", str(root / "images"),
+                                           "--output", str(tmp_path / "idx2"), *argv])
+            assert code == 2
+        assert words in capsys.readouterr().err
