@@ -31,8 +31,8 @@ MIN_TRAIN_ROWS = 1_000  # an approximate type over fewer rows searches exactly (
 KMEANS_ITERATIONS = 10
 TRAIN_POINTS_PER_LIST = 50  # k-means sample: at most this many rows per list
 DEFAULT_HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
-DEFAULT_EF_SEARCH = 64
+HNSW_EF_CONSTRUCTION = 80
+DEFAULT_EF_SEARCH = 512
 _PQ_BITS = 8
 
 
@@ -181,13 +181,12 @@ def default_search(index_type: str, params: dict[str, Any]) -> dict[str, int]:
     return {}
 
 
-def read(path: str, mmap: bool):
+def read(path: str, mmap: bool, index_type: str = "flat"):
     """Read a FAISS index file; `mmap`: the lists / vectors stay in the file (paged in on use, read-only)."""
     import faiss
 
     if not mmap:
         return faiss.read_index(path)
-    try:  # IVF types: the inverted lists are mapped
+    if index_type in ("ivf", "ivfpq"):  # the inverted lists are mapped
         return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # flat and HNSW: the stored vectors ("flat codes") are mapped
-        return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)  # flat, HNSW: the vectors

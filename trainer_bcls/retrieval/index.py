@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "bcls-retrieval-index"
 INDEX_VERSION = 3  # 3: the `index` entry (type, parameters) and `faiss_ids`; versions 1-2 are flat and still load
-RESCORE_FACTOR = 4  # `rescore`: candidates fetched per hit asked for
+RESCORE_FACTOR = 10  # `rescore`: candidates fetched per hit asked for
 EMBEDDINGS_FILE = "embeddings.safetensors"  # version 1 name; version 2 names files by digest (see `stored_file`)
 METADATA_FILE = "index.json"
 FAISS_FILE = "index.faiss"
@@ -499,7 +499,7 @@ class RetrievalIndex:
         if index.use_faiss and isinstance(faiss_entry, dict):
             faiss_path = folder / Path(str(faiss_entry.get("name"))).name
             if faiss_path.is_file() and file_sha256(faiss_path) == faiss_entry.get("sha256"):
-                stored = ann.read(str(faiss_path), mmap)
+                stored = ann.read(str(faiss_path), mmap, index.index_type)
                 if stored.ntotal == len(index) and stored.d == index.dim:
                     index._faiss_index, index.mmapped = stored, mmap
             if index._faiss_index is None:
