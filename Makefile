@@ -9,9 +9,18 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup browser test demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Chromium + chromedriver for the browser test of `retrieve.py serve` (Debian/Ubuntu, as root or with sudo); skipped
+# quietly where apt-get is unavailable or not permitted: that test then skips, naming what to install.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    >/dev/null 2>&1 || echo "note: could not install chromium (the browser test will skip)"; \
+	else echo "note: no chromium; the browser test skips (apt-get install chromium chromium-driver)"; fi
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

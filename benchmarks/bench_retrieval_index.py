@@ -10,6 +10,14 @@ the index build (walk + decode + embed + save), an incremental run adding `--add
 and per-query latency (embed the text + search, exact torch and FAISS), against the baseline of decoding and
 embedding the whole folder for one query, and the peak memory increase of each in a fresh process. Prints a
 markdown table; all ratios are against the baseline measured in the same process.
+
+Then (issue 23) the index types at scale: `--ann_rows` (500,000) unit vectors of dim `--ann_dim` (256) drawn around
+`--ann_centres` (2,000) random centres (real embeddings cluster; uniform random vectors model them badly), indexed as
+flat / ivf / hnsw / ivfpq (+ exact rescoring): build time and peak RSS increase while building, recall@10 against
+the exact index, median single-query latency over `--ann_queries` queries (one thread), and the peak RSS increase of
+a fresh process that loads the saved index memory-mapped and searches it. And `serve` on the image index: the median
+latency of `--serve_requests` text queries (GET /search) from a client in this process, over one keep-alive connection
+to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -116,10 +124,168 @@ def memory_probe(kind: str, images: str, model: str, batch_size: str, threads: s
     print(max(peak[0], _rss_mib()) - start)
 
 
+def clustered_vectors(rows: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    """Unit vectors around `centres` random unit centres; cosine to their centre about 0.7 (like image embeddings
+    of one subject), to their nearest neighbour about 0.5."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, dim), dtype=np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    out = np.empty((rows, dim), dtype=np.float32)
+    for start in range(0, rows, 65536):
+        n = min(65536, rows - start)
+        block = c[rng.integers(0, centres, n)] + rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
+        out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def _anon_mib() -> float:
+    """Anonymous resident memory (MiB): what must fit in RAM; mapped file pages (RssFile) can be dropped and reread."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+
+
+class PeakRss:
+    """Peak RSS increase (MiB, `mib`) and peak anonymous-memory increase (`anon_mib`) while the `with` block runs,
+    sampled every 5 ms (Linux)."""
+
+    def __enter__(self):
+        import threading
+
+        self.start, self.peak, self._done = _rss_mib(), _rss_mib(), threading.Event()
+        self.anon_start = self.anon_peak = _anon_mib()
+
+        def sample() -> None:
+            while not self._done.wait(0.005):
+                self.peak = max(self.peak, _rss_mib())
+                self.anon_peak = max(self.anon_peak, _anon_mib())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.mib = max(self.peak, _rss_mib()) - self.start
+        self.anon_mib = max(self.anon_peak, _anon_mib()) - self.anon_start
+
+
+def search_probe(folder: str, queries_file: str, top_k: str, rescore: str) -> None:
+    """Fresh process: load `folder` memory-mapped, search the saved queries one at a time; peak RSS increase (MiB)."""
+    import faiss
+
+    from trainer_bcls.retrieval.index import RetrievalIndex
+
+    faiss.omp_set_num_threads(1)
+    queries = np.load(queries_file)
+    with PeakRss() as peak:
+        index = RetrievalIndex.load(folder, mmap=True)
+        for q in queries:
+            index.search(q[None], int(top_k), rescore=rescore == "1")
+    print(peak.anon_mib, peak.mib)
+
+
+def ann_table(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Index types on `--ann_rows` clustered vectors: build, recall@10 vs flat, latency, memory."""
+    import subprocess
+
+    import faiss
+    import torch
+
+    from trainer_bcls.retrieval import ann
+    from trainer_bcls.retrieval.index import RetrievalIndex
+
+    data = clustered_vectors(args.ann_rows + args.ann_queries, args.ann_dim, args.ann_centres, seed=7)
+    x, queries = torch.from_numpy(data[: args.ann_rows]), data[args.ann_rows :]
+    np.save(tmp / "ann_queries.npy", queries)
+    paths = [f"vec{i:07d}" for i in range(args.ann_rows)]
+    rows, truth = [], None
+    for kind, rescore in (("flat", False), ("ivf", False), ("hnsw", False), ("ivfpq", False), ("ivfpq", True)):
+        if not rescore:  # the rescore row searches the ivfpq index just built
+            index = RetrievalIndex(x, paths, "m", "sha256:bench", index_type=kind)
+            faiss.omp_set_num_threads(args.ann_build_threads)
+            with PeakRss() as build_peak:
+                started = time.perf_counter()
+                index._faiss()
+                build = time.perf_counter() - started
+        faiss.omp_set_num_threads(1)
+        index.search(queries[:1], args.top_k)  # warm-up
+        latencies, found = [], []
+        for q in queries:
+            started = time.perf_counter()
+            hits = index.search(q[None], args.top_k, rescore=rescore)[0]
+            latencies.append(time.perf_counter() - started)
+            found.append({h.path for h in hits})
+        truth = found if kind == "flat" else truth
+        recall = float(np.mean([len(f & t) / args.top_k for f, t in zip(found, truth)]))
+        folder = tmp / f"ann_{kind}"
+        if not folder.exists():
+            index.save(folder)
+        search_peak = None if args.no_memory else [float(v) for v in subprocess.run(
+            [sys.executable, __file__, "--_search_probe", str(folder), str(tmp / "ann_queries.npy"), str(args.top_k),
+             "1" if rescore else "0"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            .split()]
+        faiss_file = next(folder.glob("index-*.faiss"), None)
+        rows.append({"type": kind + (" + rescore" if rescore else ""), "params": dict(index.index_params,
+                     **ann.default_search(index.index_type, index.index_params), **index.search_defaults) or "", "build_s": build,
+                     "build_peak_mib": build_peak.mib, "recall": recall,
+                     "latency_ms": statistics.median(latencies) * 1e3, "search_peak_mib": search_peak,
+                     "faiss_mib": faiss_file.stat().st_size / 2**20 if faiss_file else 0.0})
+    del index
+    flat_ms = rows[0]["latency_ms"]
+    print(f"\nIndex types: {args.ann_rows} unit vectors of dim {args.ann_dim} around {args.ann_centres} centres, "
+          f"{args.ann_queries} queries from the same distribution, top {args.top_k}; builds on "
+          f"{args.ann_build_threads} FAISS thread(s), queries on 1")
+    print("\n| type | parameters (search) | build | build peak RSS | FAISS file | recall@10 vs flat | query latency "
+          "| vs flat | search peak memory (mmap, fresh process): anonymous / RSS with mapped pages |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        row["speedup"] = flat_ms / row["latency_ms"]
+        search_peak = "" if row["search_peak_mib"] is None else \
+            f"{row['search_peak_mib'][0]:.0f} / {row['search_peak_mib'][1]:.0f} MiB"
+        print(f"| {row['type']} | {row['params']} | {row['build_s']:.1f} s | {row['build_peak_mib']:.0f} MiB | "
+              f"{row['faiss_mib']:.0f} MiB | {row['recall']:.3f} | {row['latency_ms']:.2f} ms | {row['speedup']:.0f}× | "
+              f"{search_peak} |")
+    return rows
+
+
+def serve_latency(args: argparse.Namespace, index_folder: Path, retrieval_model, queries: list[str]) -> float:
+    """Median milliseconds of `--serve_requests` GET /search text queries against `serve` on 127.0.0.1."""
+    import http.client
+    import json
+    import urllib.parse
+
+    from trainer_bcls.retrieval.index import RetrievalIndex
+    from trainer_bcls.retrieval.serve import create_app, running_server
+
+    index = RetrievalIndex.load(index_folder, mmap=True)
+    app = create_app(index, retrieval_model, default_top_k=args.top_k)
+    latencies = []
+    with running_server(app, "127.0.0.1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for i in range(args.serve_requests + 5):
+                query = urllib.parse.quote(queries[i % len(queries)])
+                started = time.perf_counter()
+                connection.request("GET", f"/search?q={query}&top_k={args.top_k}")
+                response = connection.getresponse()
+                body = json.loads(response.read())
+                elapsed = time.perf_counter() - started
+                assert response.status == 200 and len(body["hits"]) == args.top_k, body
+                if i >= 5:  # the first few warm up
+                    latencies.append(elapsed)
+        finally:
+            connection.close()
+    return statistics.median(latencies) * 1e3
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_memory_probe":
         return memory_probe(*argv[1:])
+    if argv and argv[0] == "--_search_probe":
+        return search_probe(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=10_000)
     parser.add_argument("--image_size", type=int, default=64)
@@ -129,7 +295,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="Alternated baseline / build runs (minimum kept).")
-    parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory runs (two fresh processes).")
+    parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory runs (fresh processes).")
+    parser.add_argument("--ann_rows", type=int, default=500_000, help="Vectors for the index-type table (0: skip).")
+    parser.add_argument("--ann_dim", type=int, default=256)
+    parser.add_argument("--ann_centres", type=int, default=2_000)
+    parser.add_argument("--ann_queries", type=int, default=300)
+    parser.add_argument("--ann_build_threads", type=int, default=2, help="FAISS threads while building.")
+    parser.add_argument("--serve_requests", type=int, default=200, help="Text queries sent to serve (0: skip).")
     args = parser.parse_args(argv)
 
     import torch
@@ -223,6 +395,8 @@ def _run(args: argparse.Namespace, threadpool_limits) -> list[dict]:
                 per_query.append(time.perf_counter() - started)
                 per_search.append(time.perf_counter() - middle)
             query_times[backend], search_times[backend] = statistics.median(per_query), statistics.median(per_search)
+        serve_ms = serve_latency(args, tmp / "idx", retrieval_model, queries) if args.serve_requests else None
+        ann_rows = ann_table(args, tmp) if args.ann_rows else []
 
     n, total = args.num_images, args.num_images + args.add
     rows.append({"step": f"re-embed the folder per query (old retrieve.py), {n} images", "seconds": baseline,
@@ -247,7 +421,11 @@ def _run(args: argparse.Namespace, threadpool_limits) -> list[dict]:
         peak = f"{row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""
         print(f"| {row['step']} | {seconds} | {per_query} | {ratio} | {peak} |")
     print(f"\nThe index pays for itself after {build / baseline:.2f} queries' worth of re-embedding.")
-    return rows
+    if serve_ms is not None:
+        print(f"\nserve: median latency of a text query (GET /search, top {args.top_k}, {total} images, "
+              f"{args.serve_requests} requests over one keep-alive connection to 127.0.0.1): {serve_ms:.1f} ms")
+        rows.append({"step": "serve text query", "serve_median_ms": serve_ms})
+    return rows + [{"step": f"index type {row['type']}", **row} for row in ann_rows]
 
 
 if __name__ == "__main__":

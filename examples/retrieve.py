@@ -4,11 +4,14 @@
     python examples/retrieve.py index --model outputs/demo --images path/to/images --output gallery.idx
     python examples/retrieve.py search --index gallery.idx --query "a red circle" --top_k 5
     python examples/retrieve.py search --index gallery.idx --image photo.jpg --top_k 5
+    python examples/retrieve.py serve --index gallery.idx --port 8000      # web page + JSON API (pip install bcls[serve])
 
 `index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
 in batches and saves `embeddings-<digest>.safetensors`, `index.faiss` (with faiss) and `index.json` in one step; run it again
-to embed only new or changed images (deleted ones are dropped). `search` prints one JSON object per hit:
-{"query", "rank", "path", "score"}.
+to embed only new or changed images (deleted ones are dropped); `--index_type flat|ivf|hnsw|ivfpq|auto` chooses
+the FAISS index (`auto`: by gallery size and `--max_index_memory`). `search` prints one JSON object per hit:
+{"query", "rank", "path", "score"} (`--nprobe`, `--ef_search`, `--rescore` for approximate types). `serve` answers
+`GET /search?q=...`, `POST /search` (an image) and `GET /` (a search page) on 127.0.0.1 unless `--host` says otherwise.
 
 Without a sub-command, the one-off form embeds the folder for this call only:
 
@@ -33,6 +36,7 @@ from trainer_bcls.cli import CliError, run_cli  # noqa: E402
 from trainer_bcls.data.errors import InvalidDataError  # noqa: E402
 from trainer_bcls.data.image_loading import MAX_IMAGE_PIXELS  # noqa: E402
 from trainer_bcls.evaluation.split_evaluation import encode_texts  # noqa: E402
+from trainer_bcls.retrieval import ann  # noqa: E402
 from trainer_bcls.retrieval.image_sources import FolderSource, open_image_source  # noqa: E402
 from trainer_bcls.retrieval.index import (  # noqa: E402
     RetrievalIndex,
@@ -64,10 +68,45 @@ def _positive(name: str):
     return parse
 
 
+def _memory(text: str) -> int:
+    try:
+        return ann.parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _check_queries(args: argparse.Namespace) -> None:
     for query in args.query:
         if not query.strip():
             raise CliError(f"--query {query!r} is empty: give the text to search for")
+
+
+def _index_params(args: argparse.Namespace) -> dict[str, int]:
+    given = {"nlist": args.nlist, "M": args.hnsw_m, "pq_m": args.pq_m}
+    params = {key: value for key, value in given.items() if value is not None}
+    if args.pq_m is not None and args.index_type not in ("ivfpq",):
+        raise CliError(f"--pq_m applies to --index_type ivfpq, not {args.index_type or 'flat'}")
+    if args.hnsw_m is not None and args.index_type != "hnsw":
+        raise CliError(f"--hnsw_m applies to --index_type hnsw, not {args.index_type or 'flat'}")
+    if args.nlist is not None and args.index_type not in ("ivf", "ivfpq"):
+        raise CliError(f"--nlist applies to --index_type ivf or ivfpq, not {args.index_type or 'flat'}")
+    if args.max_index_memory is not None and args.index_type != "auto":
+        raise CliError(f"--max_index_memory applies to --index_type auto, not {args.index_type or 'flat'}")
+    return params
+
+
+def load_index_and_model(args: argparse.Namespace):
+    """The index of `--index` (memory-mapped) and the model it was built with (or `--model`, checked)."""
+    index = RetrievalIndex.load(args.index, mmap=True)
+    try:
+        model = RetrievalModel.from_pretrained(args.model or index.model_name, args.device, args.bf16)
+    except FileNotFoundError as err:
+        if args.model:
+            raise
+        raise CliError(f"the model the index was built with, {index.model_name}, is gone ({err}); pass --model "
+                       "with the same weights") from err
+    index.check_model(model.fingerprint, where=f"index {args.index}")
+    return index, model
 
 
 def index_command(args: argparse.Namespace) -> dict:
@@ -76,12 +115,13 @@ def index_command(args: argparse.Namespace) -> dict:
     model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
     index, report = build_index(
         model, source, args.output, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
-        num_workers=args.num_workers, show_progress=not args.no_progress,
+        num_workers=args.num_workers, show_progress=not args.no_progress, index_type=args.index_type,
+        index_params=_index_params(args), max_memory=args.max_index_memory,
     )  # fmt: skip
     summary = {
         "index": str(args.output), "images": report.total, "added": report.added, "updated": report.updated,
         "removed": report.removed, "already_indexed": report.already_indexed, "skipped": len(report.skipped),
-        "backend": index.backend,
+        "backend": index.backend, "index_type": index.index_type, "index_params": index.index_params,
     }  # fmt: skip
     print(json.dumps(summary))
     return summary
@@ -91,15 +131,7 @@ def search_command(args: argparse.Namespace) -> list[dict]:
     if not args.query and not args.image:
         raise CliError("search needs --query TEXT and/or --image PATH")
     _check_queries(args)
-    index = RetrievalIndex.load(args.index)
-    try:
-        model = RetrievalModel.from_pretrained(args.model or index.model_name, args.device, args.bf16)
-    except FileNotFoundError as err:
-        if args.model:
-            raise
-        raise CliError(f"the model the index was built with, {index.model_name}, is gone ({err}); pass --model "
-                       "with the same weights") from err
-    index.check_model(model.fingerprint, where=f"index {args.index}")
+    index, model = load_index_and_model(args)
     queries, labels = [], []
     if args.query:
         queries.append(embed_text_queries(model, args.query))
@@ -110,7 +142,9 @@ def search_command(args: argparse.Namespace) -> list[dict]:
     import torch
 
     rows = []
-    for label, hits in zip(labels, index.search(torch.cat(queries), args.top_k)):
+    hit_lists = index.search(torch.cat(queries), args.top_k, nprobe=args.nprobe, ef_search=args.ef_search,
+                             rescore=args.rescore)
+    for label, hits in zip(labels, hit_lists):
         for hit in hits:
             row = {"query": label, "rank": hit.rank, "path": hit.path, "score": round(hit.score, 6)}
             print(json.dumps(row, ensure_ascii=False, allow_nan=False))
@@ -155,6 +189,30 @@ def one_off_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return output
 
 
+def _add_search_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nprobe", type=_positive("--nprobe"), default=None,
+                        help="ivf/ivfpq: inverted lists scanned per query (default: the index's).")
+    parser.add_argument("--ef_search", type=_positive("--ef_search"), default=None,
+                        help="hnsw: breadth of the graph walk per query (default: the index's).")
+    parser.add_argument("--rescore", action="store_true", help="Re-rank a wider approximate candidate list by the "
+                        "exact scores of the stored embeddings.")
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    if not (0 < args.port < 65536):
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise CliError(f"--max_upload_mb must be positive, got {args.max_upload_mb}")
+    from trainer_bcls.retrieval.serve import create_app, run_server
+
+    index, model = load_index_and_model(args)
+    app = create_app(index, model, default_top_k=args.top_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     nprobe=args.nprobe, ef_search=args.ef_search, rescore=args.rescore)
+    print(json.dumps({"serving": str(args.index), "images": len(index), "backend": index.backend,
+                      "url": f"http://{args.host}:{args.port}/"}), flush=True)
+    run_server(app, args.host, args.port)
+
+
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
@@ -174,6 +232,16 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     index.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding images.")
     index.add_argument("--skip_invalid", action="store_true", help="Skip (and log) unreadable images, not fail.")
     index.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    index.add_argument("--index_type", choices=ann.REQUESTABLE_TYPES, default=None,
+                       help="FAISS index: flat (exact), ivf, hnsw, ivfpq (approximate), auto (flat up to 50,000 "
+                       "images, else ivf, or ivfpq to fit --max_index_memory). Default: the folder's, else flat.")
+    index.add_argument("--max_index_memory", type=_memory, default=None,
+                       help="Memory budget of the FAISS index for --index_type auto, e.g. 2G, 512M.")
+    index.add_argument("--nlist", type=_positive("--nlist"), default=None, help="ivf/ivfpq lists (default ~2·√N).")
+    index.add_argument("--hnsw_m", type=_positive("--hnsw_m"), default=None, help=f"hnsw links per node "
+                       f"(default {ann.DEFAULT_HNSW_M}).")
+    index.add_argument("--pq_m", type=_positive("--pq_m"), default=None, help="ivfpq bytes per vector (a divisor "
+                       "of the dimension; default dim/4).")
     _add_device_args(index)
 
     search = commands.add_parser("search", help="Search an index by text and/or image; one JSON line per hit.")
@@ -182,7 +250,18 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     search.add_argument("--image", action="append", default=[], help="Image query file (repeatable).")
     search.add_argument("--top_k", type=_positive("--top_k"), default=10)
     search.add_argument("--model", default=None, help="Default: the model recorded in the index.")
+    _add_search_args(search)
     _add_device_args(search)
+
+    serve = commands.add_parser("serve", help="Serve an index: a search page (GET /) and a JSON API (/search).")
+    serve.add_argument("--index", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="Default: the model recorded in the index.")
+    serve.add_argument("--top_k", type=_positive("--top_k"), default=12, help="Hits per query when not given.")
+    serve.add_argument("--max_upload_mb", type=float, default=10.0, help="Largest accepted query image (MiB).")
+    _add_search_args(serve)
+    _add_device_args(serve)
 
     one_off = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     one_off.add_argument("--model", required=True)
@@ -202,9 +281,10 @@ def main(argv: list[str] | None = None):
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
     parser, one_off = build_parsers()
     try:
-        if argv and argv[0] in ("index", "search"):
+        if argv and argv[0] in ("index", "search", "serve"):
             args = parser.parse_args(argv)
-            return index_command(args) if args.command == "index" else search_command(args)
+            commands = {"index": index_command, "search": search_command, "serve": serve_command}
+            return commands[args.command](args)
         if argv and argv[0] in ("-h", "--help"):
             parser.print_help()
             raise SystemExit(0)

@@ -374,7 +374,11 @@ def test_benchmark_script_runs_on_a_few_images(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(["--num_images", "24", "--add", "4", "--num_queries", "2", "--repeats", "1",
-                        "--no_memory"])
+                        "--no_memory", "--ann_rows", "3000", "--ann_dim", "32", "--ann_centres", "30",
+                        "--ann_queries", "20", "--serve_requests", "5"])
     out = capsys.readouterr().out
     assert "equal to the re-embedding baseline's: True" in out and "| build index, 24 images" in out
+    assert "serve: median latency" in out and "| hnsw |" in out
+    ann = {row["type"]: row for row in rows if "recall" in row}
+    assert ann["flat"]["recall"] == 1.0 and ann["ivf"]["recall"] > 0.8 and ann["hnsw"]["recall"] > 0.8
     assert all(row["ratio"] > 0 for row in rows if "ratio" in row)

@@ -4,10 +4,13 @@ An index folder holds
 
 - `embeddings-<digest>.safetensors`: one tensor `embeddings`, float32 [N, D], row i = `model.encode_image` of
   `paths[i]` (L2-normalised, so the inner product is the cosine similarity, the model's retrieval score; finite);
-- `index-<digest>.faiss`: a FAISS `IndexFlatIP` over the same rows, written when `faiss` is importable;
+- `index-<digest>.faiss`: a FAISS index over the same rows, written when `faiss` is importable: `IndexFlatIP`
+  (`flat`, exact) or an approximate `ivf` / `hnsw` / `ivfpq` index ([`trainer_bcls.retrieval.ann`]), whose rows carry
+  the stable ids of the tensor `faiss_ids` in the embeddings file;
 - `index.json`, the manifest: `paths` (sorted) with their change `stamps`, the model name and fingerprint (sha256
   of its weights), `dim`, `normalized`, `bf16` (the precision the images were embedded in), and under `files` the
-  names, sizes and sha256 digests of the two files above.
+  names, sizes and sha256 digests of the two files above, and under `index` the index type, its parameters, the rows
+  it was trained on and its search defaults (`nprobe`, `ef_search`).
 
 A save writes new files under new names, then replaces `index.json` (one `os.replace`, the commit), then deletes
 files no manifest names; a crash at any point leaves the previous or the new index, never a mix. A load checks that
@@ -15,7 +18,9 @@ the embeddings file is the one the manifest names (digest, count, dim); an `inde
 rebuilt in memory from the embeddings. Version-1 folders (fixed file names) still load.
 
 Search returns, per query q, the top k rows by s_i = <q, e_i>: FAISS when available, otherwise an exact torch
-matrix product with the same results. Indexing into an existing folder embeds only keys it does not hold yet and
+matrix product with the same results; an approximate type returns what its FAISS index finds, and `rescore` re-ranks
+a wider candidate list by the exact scores of the stored embeddings. `load(mmap=True)` maps the embeddings and the
+FAISS index from their files instead of reading them (pages are read on use), so an index larger than RAM searches. Indexing into an existing folder embeds only keys it does not hold yet and
 refuses a different model (fingerprint) or precision; changed files are re-embedded and deleted ones dropped, so an
 incremental build equals a one-shot build.
 """
@@ -42,13 +47,15 @@ from ..data.errors import InvalidDataError, SkipReport
 from ..fingerprint import weights_fingerprint
 from ..evaluation.split_evaluation import encode_images, encode_texts
 from ..data.image_loading import ImageLoadError, load_image
+from . import ann
 from .image_sources import IMAGE_SUFFIXES, ImageSource
 from .inference_device import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "bcls-retrieval-index"
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: the `index` entry (type, parameters) and `faiss_ids`; versions 1-2 are flat and still load
+RESCORE_FACTOR = 10  # `rescore`: candidates fetched per hit asked for
 EMBEDDINGS_FILE = "embeddings.safetensors"  # version 1 name; version 2 names files by digest (see `stored_file`)
 METADATA_FILE = "index.json"
 FAISS_FILE = "index.faiss"
@@ -136,7 +143,9 @@ class IndexingReport:
 
 
 class RetrievalIndex:
-    """Normalised image embeddings with their paths, searchable by inner product (FAISS or exact)."""
+    """Normalised image embeddings with their paths, searchable by inner product: exact (`flat`, FAISS or torch) or
+    through an approximate FAISS index (`ivf`, `hnsw`, `ivfpq`, or `auto` by size and `max_memory`; see
+    [`trainer_bcls.retrieval.ann`])."""
 
     def __init__(
         self,
@@ -147,6 +156,9 @@ class RetrievalIndex:
         bf16: bool = False,
         use_faiss: bool | None = None,
         stamps: Sequence[str | None] | None = None,
+        index_type: str = "flat",
+        index_params: dict[str, int] | None = None,
+        max_memory: int | None = None,
     ) -> None:
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
@@ -162,6 +174,24 @@ class RetrievalIndex:
             raise ImportError("use_faiss=True needs faiss: pip install faiss-cpu (or bcls[faiss])")
         self.use_faiss = faiss_available() if use_faiss is None else use_faiss
         self._faiss_index = None
+        self.ids = np.arange(len(paths), dtype=np.int64)  # stable row ids: the labels of an approximate index
+        self.trained_rows = 0  # rows when the type was chosen / the approximate index trained (0: not yet)
+        self.search_defaults: dict[str, int] = {}
+        self.mmapped = False
+        self._row_of: tuple[np.ndarray, np.ndarray] | None = None
+        self.embeddings_map: np.memmap | None = None
+        self.set_index_type(index_type, index_params, max_memory)
+
+    def set_index_type(self, index_type: str, index_params: dict[str, int] | None = None,
+                       max_memory: int | None = None) -> None:
+        """Choose the FAISS index type (`flat`, `ivf`, `hnsw`, `ivfpq`, `auto`); it is (re)built on next use."""
+        ann.check_index_type(index_type)
+        if index_type != "flat" and not self.use_faiss:
+            raise ImportError(f"--index_type {index_type} needs faiss: pip install faiss-cpu (or bcls[faiss])")
+        self.requested_type, self.requested_params = index_type, dict(index_params or {})
+        self.max_memory = max_memory
+        self.index_type, self.index_params = ("flat", {}) if index_type == "auto" else (index_type, {})
+        self.trained_rows, self._faiss_index = 0, None
 
     # -- properties ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -173,7 +203,13 @@ class RetrievalIndex:
 
     @property
     def backend(self) -> str:
+        if self.index_type != "flat":
+            return f"faiss-{self.index_type}"
         return "faiss" if self.use_faiss else "exact"
+
+    @property
+    def approximate(self) -> bool:
+        return self.index_type in ann.APPROXIMATE_TYPES
 
     def check_model(self, fingerprint: str, bf16: bool | None = None, where: str = "the index") -> None:
         """Refuse a model whose weights differ from the indexing model's (and a different precision, if given)."""
@@ -188,7 +224,9 @@ class RetrievalIndex:
     # -- adding and searching -----------------------------------------------------------------------------------
     def add(self, embeddings: torch.Tensor, paths: Sequence[str], stamps: Sequence[str | None] | None = None) -> None:
         """Append rows, then keep all rows sorted by path (so the result does not depend on the order of adds).
-        `stamps` are the change markers of the images ([`ImageSource.stamp`]), stored to detect changed files."""
+        `stamps` are the change markers of the images ([`ImageSource.stamp`]), stored to detect changed files.
+        A trained approximate index takes the new rows as they are (no retraining) until the gallery has grown past
+        `ann.RETRAIN_FACTOR` × the rows it was trained on; then it is retrained on next use."""
         known = set(self.paths)
         duplicates = [p for p in paths if p in known]
         if duplicates:
@@ -200,13 +238,21 @@ class RetrievalIndex:
                              f"dim {self.dim}")
         embeddings = embeddings.reshape(len(paths), self.dim)
         _check_finite(embeddings, paths)
+        new_ids = int(self.ids.max()) + 1 + np.arange(len(paths), dtype=np.int64) if len(self) else \
+            np.arange(len(paths), dtype=np.int64)
         all_paths = self.paths + list(paths)
         all_stamps = self.stamps + (list(stamps) if stamps is not None else [None] * len(paths))
         order = sorted(range(len(all_paths)), key=all_paths.__getitem__)
         self.embeddings = torch.cat([self.embeddings, embeddings])[torch.as_tensor(order, dtype=torch.long)]
         self.paths = [all_paths[i] for i in order]
         self.stamps = [all_stamps[i] for i in order]
-        self._faiss_index = None
+        self.ids = np.concatenate([self.ids, new_ids])[np.asarray(order, dtype=np.int64)]
+        self._row_of = None
+        if self.approximate and self._faiss_index is not None and not self.mmapped and len(paths) \
+                and len(self) <= ann.RETRAIN_FACTOR * self.trained_rows:
+            ann.add(self._faiss_index, embeddings.numpy(), new_ids)  # into the trained index
+        elif len(paths):
+            self._faiss_index = None
 
     def set_stamps(self, stamps: dict[str, str | None]) -> None:
         """Record new change stamps of indexed paths (same image, e.g. a touched file)."""
@@ -216,24 +262,73 @@ class RetrievalIndex:
         """Drop the rows of `paths` (unknown paths are ignored)."""
         drop = set(paths)
         keep = [i for i, path in enumerate(self.paths) if path not in drop]
+        if len(keep) == len(self):
+            return
+        dropped = np.setdiff1d(self.ids, self.ids[np.asarray(keep, dtype=np.int64)])
         self.embeddings = self.embeddings[torch.as_tensor(keep, dtype=torch.long)]
         self.paths = [self.paths[i] for i in keep]
         self.stamps = [self.stamps[i] for i in keep]
-        self._faiss_index = None
+        self.ids = self.ids[np.asarray(keep, dtype=np.int64)]
+        self._row_of = None
+        if not (self.approximate and self._faiss_index is not None and not self.mmapped
+                and ann.remove(self._faiss_index, dropped)):
+            self._faiss_index = None
 
     def _faiss(self):
-        import faiss
+        """The FAISS index to search (built or retrained as needed); `None`: search exactly with torch."""
+        if not self.use_faiss:
+            return None
+        rows = len(self)
+        if self.trained_rows == 0 or rows > ann.RETRAIN_FACTOR * self.trained_rows:  # choose (again) by size
+            if self.requested_type == "auto" or self.approximate:
+                kind, params = ann.resolve(self.requested_type, rows, self.dim, self.max_memory, self.requested_params)
+                if self._faiss_index is not None or (kind, params) != (self.index_type, self.index_params):
+                    self._faiss_index = None
+                self.index_type, self.index_params = kind, params
+            self.trained_rows = rows
+        if self.index_type == "flat":
+            import faiss
 
-        if self._faiss_index is None or self._faiss_index.ntotal != len(self):
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(np.ascontiguousarray(self.embeddings.numpy(), dtype=np.float32))
-            self._faiss_index = index
+            if self._faiss_index is None or self._faiss_index.ntotal != rows:
+                index = faiss.IndexFlatIP(self.dim)
+                index.add(np.ascontiguousarray(self.embeddings.numpy(), dtype=np.float32))
+                self._faiss_index = index
+            return self._faiss_index
+        if rows < ann.MIN_TRAIN_ROWS:
+            return None  # too few rows to cluster: exact
+        if self._faiss_index is None:
+            started = time.monotonic()
+            self.index_params = {**ann.default_params(self.index_type, rows, self.dim), **self.requested_params} \
+                if self.requested_type != "auto" else self.index_params
+            self._faiss_index = ann.build(self.index_type, self.index_params, self.embeddings.numpy(), self.ids)
+            self.trained_rows, self.mmapped = rows, False
+            logger.info("trained a FAISS %s index %s over %d rows in %.1f s", self.index_type, self.index_params,
+                        rows, time.monotonic() - started)
         return self._faiss_index
 
-    def search(self, queries: torch.Tensor, top_k: int = 10) -> list[list[SearchHit]]:
-        """Top `top_k` rows by inner product for each row of `queries` [Q, D] (normalise them first for cosine)."""
+    def _rows(self, labels: np.ndarray) -> np.ndarray:
+        """Rows of FAISS labels (stable ids); -1 (no hit) stays -1."""
+        if getattr(self, "_row_of", None) is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._row_of = (self.ids[order], order)
+        sorted_ids, order = self._row_of
+        where = np.clip(np.searchsorted(sorted_ids, labels), 0, max(len(sorted_ids) - 1, 0))
+        found = (labels >= 0) & (len(sorted_ids) > 0) & (sorted_ids[where] == labels) if len(sorted_ids) else \
+            np.zeros(labels.shape, dtype=bool)
+        return np.where(found, order[where] if len(order) else -1, -1)
+
+    def search(self, queries: torch.Tensor, top_k: int = 10, nprobe: int | None = None,
+               ef_search: int | None = None, rescore: bool = False) -> list[list[SearchHit]]:
+        """Top `top_k` rows by inner product for each row of `queries` [Q, D] (normalise them first for cosine).
+
+        `nprobe` (ivf, ivfpq: inverted lists scanned) and `ef_search` (hnsw: graph breadth) trade speed for
+        recall (default: the manifest's); `rescore` fetches `RESCORE_FACTOR` × `top_k` candidates from the
+        approximate index and ranks them by their exact scores (the stored embeddings)."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
         queries = torch.as_tensor(queries, dtype=torch.float32)
         queries = queries.unsqueeze(0) if queries.ndim == 1 else queries
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -245,8 +340,18 @@ class RetrievalIndex:
         k = min(top_k, len(self))
         if k <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
-        if self.use_faiss:
-            scores, rows = self._faiss().search(np.ascontiguousarray(queries.numpy()), k)
+        index = self._faiss() if self.use_faiss else None
+        if index is not None and self.approximate:
+            fetch = min(len(self), k * RESCORE_FACTOR) if rescore else k
+            defaults = {**ann.default_search(self.index_type, self.index_params), **self.search_defaults}
+            params = ann.search_parameters(self.index_type, nprobe or defaults.get("nprobe"),
+                                           ef_search or defaults.get("ef_search"))
+            scores, labels = index.search(np.ascontiguousarray(queries.numpy()), fetch, params=params)
+            rows = self._rows(labels)
+            if rescore:
+                scores, rows = self._rescore(queries, rows, k)
+        elif index is not None:
+            scores, rows = index.search(np.ascontiguousarray(queries.numpy()), k)
         else:
             scores, rows = [], []
             for start in range(0, len(queries), 1024):
@@ -261,18 +366,39 @@ class RetrievalIndex:
             results.append([SearchHit(rank + 1, self.paths[r], s) for rank, (s, r) in enumerate(kept)])
         return results
 
+    def _rescore(self, queries: torch.Tensor, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores <q, e_r> of the candidate rows, best `k` kept (ties: lower row first)."""
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_rows = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, candidates in enumerate(rows):
+            candidates = np.unique(candidates[candidates >= 0])
+            if not len(candidates):
+                continue
+            exact = (self.embeddings[torch.as_tensor(candidates)] @ queries[q]).numpy()
+            best = np.lexsort((candidates, -exact))[:k]
+            out_scores[q, : len(best)], out_rows[q, : len(best)] = exact[best], candidates[best]
+        return out_scores, out_rows
+
     # -- files --------------------------------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike) -> None:
+    def save(self, folder: str | os.PathLike, build_faiss: bool = True) -> None:
         """Write the index into `folder` in one atomic step: new files under digest names, then `index.json`
-        replaced (the commit), then files no manifest names removed."""
+        replaced (the commit), then files no manifest names removed. `build_faiss=False` (a checkpoint) writes an
+        approximate FAISS index only if it is already trained (otherwise it is trained when loaded)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        files = {"embeddings": _write_versioned(
-            folder, "embeddings", ".safetensors", lambda tmp: save_file({"embeddings": self.embeddings}, tmp))}
-        if faiss_available():
+        tensors = {"embeddings": self.embeddings}
+        if self.requested_type != "flat":
+            tensors["faiss_ids"] = torch.from_numpy(np.ascontiguousarray(self.ids))
+        files = {"embeddings": _write_versioned(folder, "embeddings", ".safetensors",
+                                                lambda tmp: save_file(tensors, tmp))}
+        if faiss_available() and self.use_faiss:
             import faiss
 
-            files["faiss"] = _write_versioned(folder, "index", ".faiss", lambda tmp: faiss.write_index(self._faiss(), tmp))
+            write_it = build_faiss or self.index_type == "flat" or self._faiss_index is not None
+            index = self._faiss() if write_it else None
+            if index is not None:
+                files["faiss"] = _write_versioned(folder, "index", ".faiss", lambda tmp: faiss.write_index(index, tmp))
+        defaults = {**ann.default_search(self.index_type, self.index_params), **self.search_defaults}
         metadata = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -283,6 +409,9 @@ class RetrievalIndex:
             "bf16": self.bf16,
             "count": len(self),
             "files": files,
+            "index": {"requested": self.requested_type, "requested_params": self.requested_params,
+                      "max_memory": self.max_memory, "type": self.index_type, "params": self.index_params,
+                      "trained_rows": self.trained_rows, "retrain_factor": ann.RETRAIN_FACTOR, "search": defaults},
             "paths": self.paths,
             "stamps": self.stamps,
         }
@@ -295,8 +424,10 @@ class RetrievalIndex:
                 path.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, use_faiss: bool | None = None) -> "RetrievalIndex":
-        """Read an index folder, checking that its files belong together (an error names what does not)."""
+    def load(cls, folder: str | os.PathLike, use_faiss: bool | None = None, mmap: bool = False) -> "RetrievalIndex":
+        """Read an index folder, checking that its files belong together (an error names what does not).
+        `mmap`: map the embeddings and the FAISS index from their files (read-only FAISS index: for searching;
+        adding rows retrains it in memory)."""
         folder = Path(folder)
         metadata_path = folder / METADATA_FILE
         if not metadata_path.is_file():
@@ -315,6 +446,9 @@ class RetrievalIndex:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise InvalidDataError(f"{metadata_path}: 'paths' must be a list of strings")
         version = metadata.get("version", 1)
+        if not isinstance(version, int) or version > INDEX_VERSION:
+            raise InvalidDataError(f"{metadata_path} has version {version!r}; this bcls reads versions up to "
+                                   f"{INDEX_VERSION}: upgrade bcls or rebuild the index")
         entries = metadata.get("files") or {}
         if version >= 2:
             entry = entries.get("embeddings")
@@ -331,32 +465,76 @@ class RetrievalIndex:
         else:
             embeddings_path = folder / EMBEDDINGS_FILE
         try:
-            embeddings = load_file(str(embeddings_path))["embeddings"]
+            embeddings, ids, mapped = _read_embeddings(embeddings_path, mmap)
         except Exception as err:  # missing, truncated or foreign file
             raise InvalidDataError(f"cannot read {embeddings_path}: {type(err).__name__}: {err}") from err
-        if tuple(embeddings.shape) != (count, dim) or len(paths) != count:
+        if tuple(embeddings.shape) != (count, dim) or len(paths) != count or (ids is not None and len(ids) != count):
             raise InvalidDataError(
                 f"{folder}: {embeddings_path.name} holds {tuple(embeddings.shape)[0]} rows of dim "
                 f"{tuple(embeddings.shape)[1:]}, {METADATA_FILE} says count {count}, dim {dim} and lists "
                 f"{len(paths)} paths; the index is damaged, rebuild it"
             )
+        spec = metadata.get("index") if version >= 3 else None
+        spec = spec if isinstance(spec, dict) else {}
         try:
             index = cls(embeddings, paths, metadata["model"], metadata["model_fingerprint"],
-                        metadata.get("bf16", False), use_faiss, metadata.get("stamps"))
+                        metadata.get("bf16", False), use_faiss, metadata.get("stamps"),
+                        spec.get("requested", "flat"), spec.get("requested_params"), spec.get("max_memory"))
         except ValueError as err:
             raise InvalidDataError(f"{folder}: {err}") from err
+        if spec:
+            if spec.get("type") not in ann.INDEX_TYPES or not isinstance(spec.get("params", {}), dict):
+                raise InvalidDataError(f"{metadata_path}: index type {spec.get('type')!r} is not one of "
+                                       f"{', '.join(ann.INDEX_TYPES)}; the index is damaged, rebuild it")
+            index.index_type, index.index_params = spec["type"], dict(spec.get("params") or {})
+            index.trained_rows = int(spec.get("trained_rows") or 0)
+            index.search_defaults = dict(spec.get("search") or {})
+        if ids is not None:
+            index.ids = ids.numpy().astype(np.int64)
+            if len(np.unique(index.ids)) != len(index.ids):
+                raise InvalidDataError(f"{embeddings_path}: faiss_ids repeat; the index is damaged, rebuild it")
+        index.mmapped = False
+        index.embeddings_map = mapped  # the mapped file (None: read into memory)
         faiss_entry = entries.get("faiss") if version >= 2 else None  # version 1: rebuilt in memory (it may be stale)
         if index.use_faiss and isinstance(faiss_entry, dict):
-            import faiss
-
             faiss_path = folder / Path(str(faiss_entry.get("name"))).name
             if faiss_path.is_file() and file_sha256(faiss_path) == faiss_entry.get("sha256"):
-                stored = faiss.read_index(str(faiss_path))
+                stored = ann.read(str(faiss_path), mmap, index.index_type)
                 if stored.ntotal == len(index) and stored.d == index.dim:
-                    index._faiss_index = stored
+                    index._faiss_index, index.mmapped = stored, mmap
             if index._faiss_index is None:
                 logger.warning("%s does not match the embeddings; rebuilding it in memory", faiss_path)
+        elif index.use_faiss and index.approximate:
+            logger.info("%s holds no trained %s index yet; it is trained on first use", folder, index.index_type)
         return index
+
+
+def _read_embeddings(path: Path, mmap: bool) -> tuple[torch.Tensor, torch.Tensor | None, np.memmap | None]:
+    """`embeddings` (float32 [N, D]), `faiss_ids` (int64 [N], or `None`) of a safetensors file and, with `mmap`, the
+    copy-on-write map of the file the embeddings view (safetensors' layout: 8-byte header size, JSON header, data)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if "embeddings" not in names:
+            raise KeyError("no tensor 'embeddings'")
+        ids = f.get_tensor("faiss_ids") if "faiss_ids" in names else None
+        if not mmap:
+            return f.get_tensor("embeddings"), ids, None
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    entry = header["embeddings"]
+    shape = tuple(int(v) for v in entry["shape"])
+    if entry["dtype"] != "F32" or len(shape) != 2:
+        raise ValueError(f"'embeddings' is {entry['dtype']} of shape {shape}, expected F32 [N, D]")
+    start, end = (int(v) for v in entry["data_offsets"])
+    if end - start != 4 * shape[0] * shape[1]:
+        raise ValueError(f"'embeddings' spans {end - start} bytes for shape {shape}")
+    if shape[0] * shape[1] == 0:
+        return torch.zeros(shape), ids, None
+    mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_size + start, shape=shape)
+    return torch.from_numpy(mapped), ids, mapped
 
 
 def _check_unique(paths: Sequence[str]) -> None:
@@ -371,7 +549,8 @@ def _check_unique(paths: Sequence[str]) -> None:
 
 def _check_finite(embeddings: torch.Tensor, paths: Sequence[str]) -> None:
     """Refuse NaN / inf rows (a NaN row would rank first or last at random and print invalid JSON)."""
-    if len(paths) and not torch.isfinite(embeddings).all():
+    chunk = 65536  # row blocks: a memory-mapped gallery is checked without a full-size temporary
+    if len(paths) and not all(torch.isfinite(embeddings[s : s + chunk]).all() for s in range(0, len(paths), chunk)):
         bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
         raise InvalidDataError(
             f"{len(bad)} of {len(paths)} embedding rows are not finite (NaN or inf), e.g. {paths[bad[0]]}: "
@@ -505,6 +684,9 @@ def build_index(
     show_progress: bool = True,
     use_faiss: bool | None = None,
     checkpoint_seconds: float = 60.0,
+    index_type: str | None = None,
+    index_params: dict[str, int] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[RetrievalIndex, IndexingReport]:
     """Index `source` into `output` (saved there; `None`: in memory only).
 
@@ -513,7 +695,11 @@ def build_index(
     bytes for datasets) are embedded, and rows of this source's images that no longer exist are removed. Rows stay
     sorted by path, so the result equals a one-shot build of the same images. While embedding, the rows made so far
     are saved about every `checkpoint_seconds` (at most a fifth of the time goes to saving), so a build that is
-    killed resumes where it stopped when run again."""
+    killed resumes where it stopped when run again.
+
+    `index_type` (`flat`, `ivf`, `hnsw`, `ivfpq`, `auto`; `None`: the folder's, else `flat`), `index_params`
+    (`nlist`, `M`, `pq_m`) and `max_memory` (bytes, for `auto`) choose the FAISS index ([`trainer_bcls.retrieval.ann`]);
+    changing them on an existing folder rebuilds its FAISS index, the embeddings are kept."""
     if len(source) == 0:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise InvalidDataError(f"no images found in {source.name} (image suffixes: {suffixes})")
@@ -526,6 +712,11 @@ def build_index(
         dim = retrieval_model.model.config.projection_dim
         index = RetrievalIndex(torch.zeros(0, dim), [], retrieval_model.name, retrieval_model.fingerprint,
                                retrieval_model.bf16, use_faiss)
+    if index_type is not None and (index_type, dict(index_params or {}), max_memory) != (
+            index.requested_type, index.requested_params, index.max_memory):
+        if len(index):
+            logger.info("%s: index type %s -> %s (the FAISS index is rebuilt)", output, index.requested_type, index_type)
+        index.set_index_type(index_type, index_params, max_memory)
     stamps = [source.stamp(i) for i in range(len(source))]
     indexed = dict(zip(index.paths, index.stamps))
     present = set(source.keys)
@@ -548,13 +739,17 @@ def build_index(
             pending.clear()
         if save and output is not None:
             started = time.monotonic()
-            index.save(output)
+            index.save(output, build_faiss=not pending_checkpoint[0])
             timing["cost"], timing["last"] = time.monotonic() - started, time.monotonic()
+
+    pending_checkpoint = [False]
 
     def on_batch(batch_positions: list[int], embeddings: torch.Tensor) -> None:
         pending.append((batch_positions, embeddings))
         if output is not None and time.monotonic() - timing["last"] >= max(checkpoint_seconds, 4 * timing["cost"]):
+            pending_checkpoint[0] = True
             flush(save=True)  # a partial index: a re-run embeds only what is missing
+            pending_checkpoint[0] = False
 
     done, _, report.skipped = embed_image_source(
         retrieval_model.model, retrieval_model.processor, source, sorted(positions), batch_size, skip_invalid,
