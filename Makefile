@@ -28,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_locked_cache.py
+	$(PY) benchmarks/bench_towers.py
+	$(PY) benchmarks/bench_train_cached.py
 	$(PY) benchmarks/bench_retrieval_index.py
 
 clean:
