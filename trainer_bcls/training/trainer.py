@@ -55,6 +55,22 @@ MODEL_FEATURE_KEYS = (
 TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+class _RowList(torch.utils.data.Dataset):
+    """Rows held as a list of dicts (the id and caption columns of a cached pair view)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self.rows[i] for i in indices]
+
+
 def _zero_grads(params: tuple[torch.Tensor, ...], set_to_none: bool = True) -> None:
     """`nn.Module.zero_grad` over `params` only (a frozen tower's parameters never get a gradient; listing them
     walks every module of the tower, which costs a cached step more than its forward)."""
@@ -138,8 +154,10 @@ class BCLSTrainer(Trainer):
             model.zero_grad = partial(_zero_grads, params)
         train_dataset = self.train_dataset
         if self.feature_caches.vision is not None and isinstance(train_dataset, Dataset):
-            # the collator reads no image: the data loader need not fetch the column from Arrow at every step
-            self.train_dataset = train_dataset.select_columns([c for c in train_dataset.column_names if c != "image"])
+            # The collator reads no image: rows are the small id/caption columns, read from Arrow once into memory
+            # (a list lookup per row instead of an Arrow gather per step).
+            columns = [c for c in train_dataset.column_names if c != "image"]
+            self.train_dataset = _RowList(train_dataset.select_columns(columns).to_list())
         try:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:
