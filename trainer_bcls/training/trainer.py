@@ -53,6 +53,7 @@ MODEL_FEATURE_KEYS = (
     "text_pooled_output",
 )
 TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+IN_MEMORY_ROWS = 2_000_000  # cached training reads at most this many pair-view rows (ids, caption) into memory
 
 
 class _RowList(torch.utils.data.Dataset):
@@ -155,9 +156,9 @@ class BCLSTrainer(Trainer):
         train_dataset = self.train_dataset
         if self.feature_caches.vision is not None and isinstance(train_dataset, Dataset):
             # The collator reads no image: rows are the small id/caption columns, read from Arrow once into memory
-            # (a list lookup per row instead of an Arrow gather per step).
-            columns = [c for c in train_dataset.column_names if c != "image"]
-            self.train_dataset = _RowList(train_dataset.select_columns(columns).to_list())
+            # (a list lookup per row instead of an Arrow gather per step; above IN_MEMORY_ROWS, an Arrow view).
+            columns = train_dataset.select_columns([c for c in train_dataset.column_names if c != "image"])
+            self.train_dataset = _RowList(columns.to_list()) if len(columns) <= IN_MEMORY_ROWS else columns
         try:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:
