@@ -30,6 +30,7 @@ tower on the same images (`EfficientNetModel(pixel_values)`, inference mode, sam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -109,7 +110,7 @@ def trainer_for(model, processor, pairs, relevance, out: Path, steps: int, recip
     )
 
 
-def bare_loop(model, caches, pairs, relevance, steps: int, recipe: str) -> list[float]:
+def bare_loop(model, caches, pairs, relevance, steps: int) -> list[float]:
     """The study script's loop: precomputed features, plain PyTorch."""
     image_ids = torch.tensor(pairs["image_id"])
     caption_ids = torch.tensor(pairs["caption_id"])
@@ -125,8 +126,8 @@ def bare_loop(model, caches, pairs, relevance, steps: int, recipe: str) -> list[
         rows = order[(step * BATCH) % len(pairs):][:BATCH]
         img, cap = image_ids[rows], caption_ids[rows]
         r = relevance.batch_matrix(img.numpy(), cap.numpy())
-        vision = cached_vision_pooled(model, caches.vision, img, _null)
-        text = cached_text_pooled(model, caches.text, cap, _null)
+        vision = cached_vision_pooled(model, caches.vision, img, contextlib.nullcontext)
+        text = cached_text_pooled(model, caches.text, cap, contextlib.nullcontext)
         out = model(vision_pooled_output=vision, text_pooled_output=text, image_ids=img, relevance=r,
                     relevance_order_i2t=relevance_sort_order(r), relevance_order_t2i=relevance_sort_order(r.T.contiguous()),
                     return_loss=True)
@@ -137,14 +138,11 @@ def bare_loop(model, caches, pairs, relevance, steps: int, recipe: str) -> list[
     return times
 
 
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
-
-
 def plain_tower_throughput(model, processor, pairs, batch: int) -> float:
-    first = sorted(set(pairs["image_id"]))
-    rows = [pairs["image_id"].index(i) for i in first[: min(len(first), 2 * batch)]]
+    first_row: dict[int, int] = {}
+    for row, image_id in enumerate(pairs["image_id"]):
+        first_row.setdefault(image_id, row)
+    rows = list(first_row.values())[: 2 * batch]
     from trainer_bcls.data.image_loading import load_image
     images = [load_image(pairs[r]["image"]) for r in rows]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"].float()
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         images = len(caches.vision.rows)
         # the bare loop over the same precomputed features
         bare_model, _ = build(tower_dir, text_dir, recipe)
-        bare = statistics.median(bare_loop(bare_model, caches, pairs, relevance, args.steps, recipe)[1:])
+        bare = statistics.median(bare_loop(bare_model, caches, pairs, relevance, args.steps)[1:])
         # no caches at all
         model, processor = build(tower_dir, text_dir, recipe)
         timer_off = StepTimer()

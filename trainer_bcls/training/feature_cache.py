@@ -436,7 +436,8 @@ def build_feature_caches(
             torch.distributed.all_gather_object(found, sorted(caches.invalid_image_ids))
             caches.invalid_image_ids = {i for part in found for i in part}
 
-        stored = store.load(memory_map=False) if store and store.keys else None
+        # memory-mapped first: its size is known without reading it, and a store above the limit is never read whole
+        stored = store.load(memory_map=True) if store and store.keys else None
         total_bytes = (stored.nbytes if stored is not None else 0) + (new_rows.nbytes if new_rows is not None else 0)
         location = "in memory"
         if store is not None and new_rows is not None and is_main_process:
@@ -458,7 +459,7 @@ def build_feature_caches(
             row_of_key = {key: row for row, key in enumerate(store.keys)}
             location = f"memory-mapped from {store.folder}"
         else:
-            parts = [p for p in (stored, new_rows) if p is not None]
+            parts = [p for p in (stored.to_torch() if stored is not None else None, new_rows) if p is not None]
             table = ShardedRows(parts) if len(parts) > 1 else (parts[0] if parts else PackedRows(torch.zeros(0), torch.zeros(0)))
             order_keys = (list(store.keys[: len(stored)]) if stored is not None else []) + [keys[i] for i in computed_items]
             row_of_key = {key: row for row, key in enumerate(order_keys)}

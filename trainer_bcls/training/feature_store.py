@@ -84,6 +84,7 @@ class ShardedRows:
         self.parts = [p for p in parts if len(p)]
         sizes = torch.tensor([len(p) for p in self.parts], dtype=torch.int64)
         self.starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        self.lengths = torch.cat([p.lengths for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -92,9 +93,9 @@ class ShardedRows:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.cat([p.lengths for p in self.parts])
+    def to_torch(self) -> PackedRows:
+        """The rows read into memory as one `PackedRows`."""
+        return PackedRows.concat([p.to_torch() for p in self.parts])
 
     def _split(self, rows: torch.Tensor):
         part = torch.searchsorted(self.starts, rows, right=True) - 1
