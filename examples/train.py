@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -133,6 +134,13 @@ class LossArguments:
     kendall_temperature: float | None = None
     kendall_hard_mining: bool | None = None
     infonce_temperature: float | None = None
+    false_negative_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Relevance-aware negatives: leave negatives with relevance above this out of the binary term."},
+    )
+    false_negative_ramp: float | None = field(
+        default=None, metadata={"help": "Soft exclusion width: weight 1 - clamp((R - threshold) / ramp, 0, 1); 0 = hard."}
+    )
 
     def overrides(self) -> dict:
         """The flags that were set, with a legacy `--objective` translated into `binary_loss` / `kendall_weight`."""
@@ -155,6 +163,8 @@ def check_loss_overrides(values: dict) -> None:
         problem = float_knob_problem(name, value) if name in FLOAT_KNOB_RANGES else None
         if name == "kendall_window_size" and value < 1:
             problem = f"kendall_window_size must be >= 1, got {value}"
+        if name == "false_negative_threshold" and not math.isfinite(value):
+            problem = f"false_negative_threshold must be a finite number, got {value}"
         if problem is not None:
             raise ValueError(f"--{problem}")
 
@@ -265,6 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
     eval_relevance = None
     if eval_pairs is not None and data_args.relevance != "precomputed":  # a precomputed file covers one split
         eval_relevance = build_relevance_labels(eval_pairs, **relevance_kwargs)
+    if train_relevance is None and model.config.false_negative_threshold is not None:
+        raise ValueError(
+            "--false_negative_threshold weights negatives by their relevance labels: use --relevance sentence, tfidf "
+            "or precomputed (not none)."
+        )
     if train_relevance is None and model.config.kendall_weight != 0:
         logger.warning(
             f"--relevance none: the Kendall term is off, BCLS trains with the binary loss "

@@ -31,6 +31,8 @@ LOSS_KWARG_NAMES = (
     "kendall_temperature",
     "kendall_hard_mining",
     "infonce_temperature",
+    "false_negative_threshold",
+    "false_negative_ramp",
 )
 
 # Float knobs and their ranges: name -> (lowest value, whether the lowest value itself is allowed).
@@ -42,6 +44,7 @@ FLOAT_KNOB_RANGES = {
     "margin": (0.0, True),
     "kendall_weight": (0.0, True),
     "kendall_label_gap": (0.0, True),
+    "false_negative_ramp": (0.0, True),
 }
 
 
@@ -118,6 +121,13 @@ class BCLSConfig(PreTrainedConfig):
             pair of the window).
         infonce_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the InfoNCE baseline.
+        false_negative_threshold (`float`, *optional*):
+            Relevance-aware negatives: a negative (a caption of another image) whose relevance R to the query is above
+            this threshold θ is left out of the binary term (or down-weighted, see `false_negative_ramp`), since it
+            likely describes the query as well as its own captions. `None` (default): every negative counts.
+        false_negative_ramp (`float`, *optional*, defaults to 0.0):
+            Width of a soft exclusion: negatives weigh w = 1 - clamp((R - θ) / ramp, 0, 1) (full at R <= θ, none at
+            R >= θ + ramp); 0 is the hard exclusion w = 1[R <= θ].
 
     The loss defaults were chosen on Flickr8k val with pretrained towers (`benchmarks/studies/flickr8k_pretrained.py`, tables
     in `benchmarks/studies/RESULTS.md`) by one rule: the highest Kendall tau-b among the settings whose rsum is within 2 % of
@@ -162,6 +172,8 @@ class BCLSConfig(PreTrainedConfig):
     kendall_temperature: float | int = 0.1
     kendall_hard_mining: bool = True
     infonce_temperature: float | int = 0.05
+    false_negative_threshold: float | int | None = None
+    false_negative_ramp: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         if self.objective is not None:  # legacy name -> the two knobs (same table as `losses.OBJECTIVES`)
@@ -181,6 +193,9 @@ class BCLSConfig(PreTrainedConfig):
             problem = float_knob_problem(name, getattr(self, name))
             if problem is not None:
                 raise ValueError(problem)
+        threshold = self.false_negative_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not math.isfinite(threshold)):
+            raise ValueError(f"false_negative_threshold must be a finite number or None, got {threshold!r}")
         if self.kendall_window_size is not None and self.kendall_window_size < 1:
             raise ValueError(
                 f"kendall_window_size must be None (unbounded) or >= 1, "

@@ -33,7 +33,15 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, synthetic
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["world"] == 2
-        for binary_loss in ("triplet_sn", "vse", "infonce"):  # each binary term + Kendall
+        relevance = result["relevance_of_negatives"]
+        # relevance-aware negatives: the thresholds leave some negatives out / down-weight some, not all
+        assert any(r > 0.1 for r in relevance) and any(0.06 < r < 0.1 for r in relevance)
+        assert any(0.04 < r <= 0.06 for r in relevance) and any(r <= 0.04 for r in relevance)
+        assert result["triplet_sn_soft_false_negatives"]["reference_loss"] != result["triplet_sn"]["reference_loss"]
+        assert result["vse_hard_false_negatives"]["reference_loss"] != result["vse"]["reference_loss"]
+        # each binary term + Kendall, and relevance-aware negatives (soft and hard)
+        for binary_loss in ("triplet_sn", "vse", "infonce", "triplet_sn_soft_false_negatives",
+                            "vse_hard_false_negatives"):
             check = result[binary_loss]
             assert check["reference_kendall"] > 0  # the Kendall term is active in this batch
             assert check["global_loss_mean"] == pytest.approx(check["reference_loss"], abs=1e-6)

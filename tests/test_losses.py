@@ -566,7 +566,8 @@ def test_bcls_loss_keyword_names_match_the_config_contract():
     expected = {
         "binary_loss": "triplet_sn", "objective": None, "margin": 0.2, "soft_negative_temperature": 0.1, "kendall_weight": 0.2,
         "kendall_window_size": 32, "kendall_label_gap": 0.15, "kendall_surrogate": "hinge", "kendall_temperature": 0.1,
-        "kendall_hard_mining": True, "infonce_temperature": 0.05, "sort_order_i2t": None, "sort_order_t2i": None,
+        "kendall_hard_mining": True, "infonce_temperature": 0.05, "false_negative_threshold": None,
+        "false_negative_ramp": 0.0, "sort_order_i2t": None, "sort_order_t2i": None,
         "sim_t2i": None, "positive_mask_t2i": None, "relevance_t2i": None, "count_reducer": None,
     }
     assert list(params)[:3] == ["sim", "positive_mask", "relevance"]

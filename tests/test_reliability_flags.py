@@ -40,12 +40,21 @@ def test_overrides_set_on_a_loaded_config_are_checked_again():
 
 @pytest.mark.parametrize("flag, value", [("kendall_weight", "nan"), ("margin", "nan"), ("kendall_label_gap", "nan"),
                                          ("tower_learning_rate", "nan"), ("learning_rate", "inf"),
-                                         ("kendall_weight", "-1")])
+                                         ("kendall_weight", "-1"), ("false_negative_threshold", "nan"),
+                                         ("false_negative_ramp", "-0.1"), ("false_negative_ramp", "inf")])
 def test_train_script_refuses_bad_float_flags_before_training(synthetic_dir, tmp_path, flag, value):
     train = load_example("train")
     with pytest.raises(ValueError, match=rf"--{flag} must be"):
         train.main(_train_args(synthetic_dir, tmp_path / "run", "--max_steps", "1", f"--{flag}", value))
     assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing saved
+
+
+def test_train_script_refuses_false_negatives_without_relevance(synthetic_dir, tmp_path):
+    train = load_example("train")
+    args = _train_args(synthetic_dir, tmp_path / "run", "--max_steps", "1", "--false_negative_threshold", "0.5")
+    args[args.index("tfidf")] = "none"
+    with pytest.raises(ValueError, match="--false_negative_threshold .*--relevance"):
+        train.main(args)
 
 
 @pytest.fixture(scope="module")

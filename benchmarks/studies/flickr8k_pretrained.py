@@ -110,6 +110,9 @@ def train_flags(args, run_dir: Path) -> list[str]:
         "--report_to", "none", "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(run_dir),
         "--feature_cache_dir", str(args.feature_cache_dir),
     ]
+    if args.false_negative_threshold is not None:
+        flags += ["--false_negative_threshold", str(args.false_negative_threshold),
+                  "--false_negative_ramp", str(args.false_negative_ramp)]
     if args.tower_learning_rate is not None:
         flags += ["--tower_learning_rate", str(args.tower_learning_rate)]
     if args.projection_hidden_dim is not None:
@@ -336,6 +339,9 @@ def parse_args(argv=None):
     run.add_argument("--kendall_label_gap", type=float, default=0.05)
     run.add_argument("--kendall_warmup", type=float, default=0.0, help="fraction of steps to ramp the weight up")
     run.add_argument("--no_hard_mining", action="store_true")
+    run.add_argument("--false_negative_threshold", type=float, default=None,
+                     help="relevance-aware negatives: θ (negatives with relevance above it leave the binary term)")
+    run.add_argument("--false_negative_ramp", type=float, default=0.0, help="soft exclusion width (0: hard)")
     run.add_argument("--relevance", choices=["minilm", "tfidf", "both"], default="minilm")
     run.add_argument("--relevance_reduce", choices=["max", "mean"], default="max")
     run.add_argument("--relevance_rescale", action="store_true")

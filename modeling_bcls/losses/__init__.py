@@ -4,6 +4,8 @@
 - ``loss_kendall.py``: the Kendall ranking loss with SW-HS (sliding windows + hard-sample mining) on the
   continuous labels; ``kendall_kernels.py`` / ``openmp_team.py`` are its Numba CPU kernels and their thread team;
 - ``loss_baselines.py``: VSE++'s hardest-negative hinge and CLIP's InfoNCE;
+- ``false_negatives.py``: relevance-aware negatives, ``w(q, n) = 1 − clamp((R[q, n] − θ)/ramp, 0, 1)`` weights of the
+  binary term's negatives (likely false negatives left out);
 - ``loss_bcls.py``: ``L = L_binary + λ·L_Kendall``, each the mean of the i2t and t2i directions.
 
 May import only torch, numpy / Numba (optional, imported on first use) and the standard library: ``save_pretrained``
@@ -11,6 +13,7 @@ copies this folder next to the weights as flat sibling files (this file as ``los
 a ``from .<sibling> import`` of a module in this folder.
 """
 
+from .false_negatives import negative_weights
 from .loss_baselines import infonce_loss, vse_triplet_loss
 from .loss_bcls import BINARY_LOSSES, OBJECTIVES, bcls_loss, resolve_objective
 from .loss_kendall import kendall_ranking_loss, relevance_sort_order
@@ -22,6 +25,7 @@ __all__ = [
     "bcls_loss",
     "infonce_loss",
     "kendall_ranking_loss",
+    "negative_weights",
     "relevance_sort_order",
     "resolve_objective",
     "triplet_sn_loss",

@@ -13,6 +13,10 @@ For a batch with image-text similarities ``sim`` ``[N_img, N_txt]`` (row = image
 ``L_binary`` is the ``binary_loss``: Triplet-SN (``"triplet_sn"``), VSE++ (``"vse"``, the exact hardest negative,
 Triplet-SN's tau -> 0 limit) or InfoNCE (``"infonce"``, fixed temperature or a learned one passed as a tensor). The Kendall
 SW-HS term composes with any of them; it is used when ``relevance`` is given and ``kendall_weight != 0``.
+With ``false_negative_threshold`` set, the binary term of each direction weights its negatives by the relevance
+``w(q, n) = 1 - clamp((R[q, n] - θ) / ramp, 0, 1)`` (``ramp = 0``: ``1[R[q, n] <= θ]``, hard exclusion), so that
+captions of other images that describe the query about as well as its own are not pushed away
+(``false_negatives.py``); it needs ``relevance`` even when ``kendall_weight`` is 0.
 The legacy ``objective`` names map onto the two knobs (:data:`OBJECTIVES`): ``"bcls"`` = Triplet-SN + Kendall,
 ``"triplet_sn"`` / ``"vse"`` / ``"infonce"`` = that binary loss alone (Kendall weight 0).
 Each direction's term is ``sum of its terms / count_reducer(number of its terms)``, so a distributed trainer can
@@ -25,6 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .false_negatives import check_false_negative_args, negative_weights
 from .loss_baselines import _infonce_terms, _vse_terms, infonce_loss, vse_triplet_loss
 from .loss_kendall import _check_kendall_args, _check_relevance, _kendall_parts, kendall_ranking_loss, relevance_sort_order
 from .loss_triplet_sn import _check_mask, _check_positive, _check_sim, _triplet_sn_terms, triplet_sn_loss
@@ -91,6 +96,8 @@ def bcls_loss(
     kendall_temperature: float = 0.1,
     kendall_hard_mining: bool = True,
     infonce_temperature: float = 0.05,
+    false_negative_threshold: Optional[float] = None,
+    false_negative_ramp: float = 0.0,
     sort_order_i2t: Optional[torch.Tensor] = None,
     sort_order_t2i: Optional[torch.Tensor] = None,
     sim_t2i: Optional[torch.Tensor] = None,
@@ -111,6 +118,9 @@ def bcls_loss(
         kendall_weight, kendall_window_size, kendall_label_gap, kendall_surrogate, kendall_temperature,
         kendall_hard_mining: arguments of :func:`kendall_ranking_loss`.
         infonce_temperature: temperature of :func:`infonce_loss`; a float, or a 0-d tensor for a learned temperature.
+        false_negative_threshold, false_negative_ramp: relevance-aware negatives of the binary term (``θ`` and the
+            width of the soft ramp, 0 = hard exclusion; see the module docstring); None (default): every negative
+            counts fully.
         sort_order_i2t, sort_order_t2i: optional precomputed ``relevance_sort_order`` of each direction's relevance.
         sim_t2i, positive_mask_t2i, relevance_t2i: text→image matrices (rows are texts); default to the transposes.
         count_reducer: maps a direction's local term count (0-d float tensor) to the count it is normalised by
@@ -128,8 +138,13 @@ def bcls_loss(
         positive_mask_t2i = _check_mask(positive_mask.T, sim_t2i, "positive_mask.T (default positive_mask_t2i)")
     else:
         positive_mask_t2i = _check_mask(positive_mask_t2i, sim_t2i, "positive_mask_t2i")
+    threshold, ramp = check_false_negative_args(false_negative_threshold, false_negative_ramp)
+    if threshold is not None and relevance is None:
+        raise ValueError(
+            "`false_negative_threshold` weights negatives by their relevance: pass `relevance` (continuous labels)"
+        )
     use_kendall = relevance is not None and kendall_weight != 0
-    if use_kendall:
+    if use_kendall or threshold is not None:
         relevance = _check_relevance(relevance, sim, "relevance")
         if relevance_t2i is None:
             relevance_t2i = relevance.T
@@ -140,6 +155,7 @@ def bcls_loss(
                 )
         else:
             relevance_t2i = _check_relevance(relevance_t2i, sim_t2i, "relevance_t2i")
+    if use_kendall:
         window, gap, kendall_temperature = _check_kendall_args(
             kendall_window_size, kendall_label_gap, kendall_surrogate, kendall_temperature
         )
@@ -152,12 +168,13 @@ def bcls_loss(
     triplet = sim.new_zeros(())
     kendall = sim.new_zeros(())
     for dir_sim, dir_mask, dir_rel, dir_order in directions:
+        weights = None if threshold is None else negative_weights(dir_rel, threshold, ramp)
         if binary_loss == "triplet_sn":
-            terms = _triplet_sn_terms(dir_sim, dir_mask, float(margin), tau)
+            terms = _triplet_sn_terms(dir_sim, dir_mask, float(margin), tau, weights)
         elif binary_loss == "vse":
-            terms = _vse_terms(dir_sim, dir_mask, float(margin))
+            terms = _vse_terms(dir_sim, dir_mask, float(margin), weights)
         else:
-            terms = _infonce_terms(dir_sim, dir_mask, infonce_temperature)
+            terms = _infonce_terms(dir_sim, dir_mask, infonce_temperature, weights)
         count = torch.tensor(terms.numel(), device=dir_sim.device)
         triplet = triplet + _normalise(terms.sum(), count, count_reducer) / 2
         if use_kendall:

@@ -104,19 +104,53 @@ def _positive_pairs(positive_mask: torch.Tensor, has_negative: torch.Tensor) -> 
     return rows[keep], cols[keep]
 
 
-def _negative_logsumexp(sim: torch.Tensor, positive_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``LSE_n(S[q, n] / T)`` over the negatives of each row (``-inf`` for a row without negatives; such rows are
-    entirely masked, so their backward never reaches ``sim``)."""
-    return torch.logsumexp((sim / temperature).masked_fill(positive_mask, float("-inf")), dim=1)
+def _check_weights(weights: Optional[torch.Tensor], sim: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validates per-negative weights in [0, 1] of the shape of ``sim`` (labels: detached, float32)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"`negative_weights` must be a torch.Tensor, got {type(weights).__name__}")
+    if tuple(weights.shape) != tuple(sim.shape):
+        raise ValueError(f"`negative_weights` has shape {tuple(weights.shape)} but `sim` has shape {tuple(sim.shape)}")
+    weights = weights.detach().to(sim.device, torch.float32)
+    outside = ~((weights >= 0) & (weights <= 1))  # NaN is outside too
+    if bool(outside.any()):
+        row, col = outside.nonzero()[0].tolist()
+        raise ValueError(f"`negative_weights` must lie in [0, 1], got {weights[row, col].item()} at row {row}, column {col}")
+    return weights
 
 
-def _triplet_sn_terms(sim: torch.Tensor, positive_mask: torch.Tensor, margin: float, temperature: float) -> torch.Tensor:
-    """1-D tensor of ``l(q, p)`` for every counted (query, positive) pair."""
+def _excluded(positive_mask: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Candidates that are not (counted) negatives: the positives, and negatives of weight 0."""
+    return positive_mask if weights is None else positive_mask | (weights == 0)
+
+
+def _negative_logsumexp(
+    sim: torch.Tensor, excluded: torch.Tensor, temperature: float, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``LSE_n(S[q, n] / T + log w(q, n))`` over the negatives of each row that are not ``excluded`` (``w = 1``
+    without weights; ``-inf`` for a row without negatives). Excluded entries are filled, so neither their value nor
+    a row without negatives sends a gradient to ``sim``."""
+    logits = sim / temperature
+    if weights is not None:
+        logits = logits + weights.masked_fill(excluded, 1.0).log()
+    return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+
+
+def _triplet_sn_terms(
+    sim: torch.Tensor,
+    positive_mask: torch.Tensor,
+    margin: float,
+    temperature: float,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """1-D tensor of ``l(q, p)`` for every counted (query, positive) pair (``weights``: per-negative ``w(q, n)``)."""
     if sim.numel() == 0:
         return _empty_terms(sim)
-    has_negative = (~positive_mask).any(dim=1)
+    excluded = _excluded(positive_mask, weights)
+    has_negative = (~excluded).any(dim=1)
     rows, cols = _positive_pairs(positive_mask, has_negative)
-    lse = _negative_logsumexp(sim, positive_mask, temperature)
+    lse = _negative_logsumexp(sim, excluded, temperature, weights)
     # tau * softplus((margin - S_qp) / tau + LSE_q) == softplus(margin - S_qp + tau * LSE_q, beta=1/tau)
     logits = (margin - sim[rows, cols]) / temperature + lse[rows]
     return temperature * F.softplus(logits)
@@ -128,6 +162,7 @@ def triplet_sn_loss(
     margin: float = 0.2,
     temperature: float = 0.1,
     reduction: str = "mean",
+    negative_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triplet loss with soft negative mining, one retrieval direction (rows of ``sim`` are the queries).
 
@@ -141,11 +176,14 @@ def triplet_sn_loss(
         margin: triplet margin.
         temperature: ``tau > 0`` of the log-sum-exp smoothing.
         reduction: ``"mean"`` (a finite 0 without pairs), ``"sum"``, or ``"none"`` (1-D tensor of the pair terms).
+        negative_weights: optional ``[Nq, Nc]`` weights ``w(q, n)`` in [0, 1] of the negatives
+            (``l(q, p) = tau * log(1 + sum_n w(q, n) exp(...))``; 0 leaves a negative out; see ``false_negatives.py``).
     """
     _check_reduction(reduction)
     sim = _check_sim(sim)
     positive_mask = _check_mask(positive_mask, sim)
     temperature = _check_positive(temperature, "temperature")
-    terms = _triplet_sn_terms(sim, positive_mask, float(margin), temperature)
+    weights = _check_weights(negative_weights, sim)
+    terms = _triplet_sn_terms(sim, positive_mask, float(margin), temperature, weights)
     count = torch.tensor(terms.numel(), device=sim.device)
     return _reduce(terms.sum(), count, terms, reduction)

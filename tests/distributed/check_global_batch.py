@@ -54,9 +54,23 @@ def main(out_dir: str, data_dir: str) -> None:
     unwrapped = accelerator.unwrap_model(ddp_model)
     features = ("pixel_values", "input_ids", "attention_mask")
     result = {"rank": rank, "world": world}
-    # Every binary loss with the Kendall term on top (the composable objective).
-    for binary_loss in ("triplet_sn", "vse", "infonce"):
-        reference.config.binary_loss = unwrapped.config.binary_loss = binary_loss
+    # Every binary loss with the Kendall term on top (the composable objective), and relevance-aware negatives
+    # (soft and hard), whose weights come from the cross-process relevance rebuilt from the gathered ids.
+    settings = {
+        "triplet_sn": dict(binary_loss="triplet_sn"),
+        "vse": dict(binary_loss="vse"),
+        "infonce": dict(binary_loss="infonce"),
+        "triplet_sn_soft_false_negatives": dict(binary_loss="triplet_sn", false_negative_threshold=0.04,
+                                                false_negative_ramp=0.06),
+        "vse_hard_false_negatives": dict(binary_loss="vse", false_negative_threshold=0.06),
+    }
+    negatives = full["image_ids"][:, None] != full["image_ids"][None, :]
+    result["relevance_of_negatives"] = full["relevance"][negatives].tolist()
+    for binary_loss, overrides in settings.items():
+        for config in (reference.config, unwrapped.config):
+            config.false_negative_threshold, config.false_negative_ramp = None, 0.0
+            for key, value in overrides.items():
+                setattr(config, key, value)
 
         # Reference: one process, whole batch, the model's own loss.
         reference.zero_grad()
