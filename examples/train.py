@@ -115,6 +115,11 @@ class DataArguments:
     relevance_embeddings: str | None = field(default=None, metadata={"help": "File for --relevance precomputed."})
     relevance_references: str = field(default="all", metadata={"help": "all | paired"})
     relevance_cache_dir: str | None = field(default=None, metadata={"help": "Cache of caption embeddings."})
+    hard_negatives_per_row: int = field(
+        default=0,
+        metadata={"help": "Mined hard negatives (examples/mine_hard_negatives.py) added per row as extra text "
+                  "candidates; 0: none."},
+    )
 
 
 @dataclass
@@ -286,8 +291,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"({model.config.binary_loss}) alone."
         )
 
+    if data_args.hard_negatives_per_row < 0:
+        raise ValueError(f"--hard_negatives_per_row must be >= 0, got {data_args.hard_negatives_per_row}")
+    if data_args.hard_negatives_per_row and "hard_negative_caption_ids" not in train_pairs.column_names:
+        raise ValueError(
+            f"--hard_negatives_per_row {data_args.hard_negatives_per_row}: the training split of {data} has no mined "
+            "hard negatives (column hard_negative_caption_ids); mine them with examples/mine_hard_negatives.py and "
+            "pass its --output as --data"
+        )
     collator = BCLSDataCollator(
-        processor, relevance=train_relevance, max_length=model_args.max_length, skip_invalid=data_args.skip_invalid
+        processor, relevance=train_relevance, max_length=model_args.max_length, skip_invalid=data_args.skip_invalid,
+        hard_negatives_per_row=data_args.hard_negatives_per_row,
     )
     trainer = BCLSTrainer(
         model=model,

@@ -40,8 +40,9 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, synthetic
         assert result["triplet_sn_soft_false_negatives"]["reference_loss"] != result["triplet_sn"]["reference_loss"]
         assert result["vse_hard_false_negatives"]["reference_loss"] != result["vse"]["reference_loss"]
         # each binary term + Kendall, and relevance-aware negatives (soft and hard)
+        assert result["mined"]["extra_candidates"] == 12
         for binary_loss in ("triplet_sn", "vse", "infonce", "triplet_sn_soft_false_negatives",
-                            "vse_hard_false_negatives"):
+                            "vse_hard_false_negatives", "mined"):
             check = result[binary_loss]
             assert check["reference_kendall"] > 0  # the Kendall term is active in this batch
             assert check["global_loss_mean"] == pytest.approx(check["reference_loss"], abs=1e-6)

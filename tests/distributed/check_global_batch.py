@@ -107,8 +107,67 @@ def main(out_dir: str, data_dir: str) -> None:
             "max_cached_grad_diff": max_grad_diff(cached_grads, ref_grads),
             "reference_kendall": ref_out.loss_kendall.item(),
         }
+    result["mined"] = check_mined_candidates(pairs, processor, relevance, reference, ddp_model, unwrapped,
+                                             accelerator, rank, world)
     Path(out_dir, f"result-{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
+
+
+def check_mined_candidates(pairs, processor, relevance, reference, ddp_model, unwrapped, accelerator, rank, world):
+    """Mined hard negatives as extra text candidates (one per row, from images outside the batch, so the local
+    batches add exactly the full batch's extras): the global loss equals `bcls_loss` on the full candidate matrix."""
+    from modeling_bcls.losses import bcls_loss
+
+    rows = [dict(pairs[i]) for i in range(12)]
+    outside = [r for r in pairs if r["image_id"] not in {x["image_id"] for x in rows}]
+    for k, row in enumerate(rows):
+        pick = outside[k]
+        row.update(hard_negative_caption_ids=[pick["caption_id"]], hard_negative_image_ids=[pick["image_id"]],
+                   hard_negatives=[pick["caption"]])
+    collator = BCLSDataCollator(processor, relevance=relevance, hard_negatives_per_row=1)
+    full = collator(rows)
+    per_process = len(rows) // world
+    local = collator(rows[rank * per_process : (rank + 1) * per_process])
+    for config in (reference.config, unwrapped.config):
+        config.binary_loss, config.false_negative_threshold, config.false_negative_ramp = "triplet_sn", 0.04, 0.06
+
+    def with_extra_text(batch):
+        return {"pixel_values": batch["pixel_values"],
+                **{k: torch.cat([batch[k], batch[f"hard_negative_{k}"]]) for k in ("input_ids", "attention_mask")}}
+
+    B = len(rows)
+    reference.zero_grad()
+    out = reference(**with_extra_text(full), return_loss=False)
+    candidates = torch.cat([full["image_ids"], full["hard_negative_image_ids"]])
+    mask = full["image_ids"][:, None] == candidates[None, :]
+    sim = out.image_embeds @ out.text_embeds.T
+    R = full["relevance"]
+    ref = bcls_loss(sim, mask, R, sim_t2i=sim[:, :B].T, positive_mask_t2i=mask[:, :B].T, relevance_t2i=R[:, :B].T,
+                    **reference.config.loss_kwargs())
+    ref_loss = ref["loss"]
+    ref_loss.backward()
+    ref_grads = grads_of(reference)
+
+    unwrapped.zero_grad()
+    out = ddp_model(**with_extra_text(local), return_loss=False)
+    loss = global_bcls_loss(unwrapped.config, out.image_embeds, out.text_embeds, local, relevance)["loss"]
+    loss.backward()
+    ddp_grads = grads_of(unwrapped)
+    unwrapped.zero_grad()
+    cached_loss, _, _ = cached_embeddings(
+        unwrapped, with_extra_text(local), chunk_size=4,
+        loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, local, relevance), sync_gradients=True,
+    )
+    cached_loss.backward()
+    return {
+        "extra_candidates": int(full["hard_negative_caption_ids"].numel()),
+        "reference_loss": ref_loss.item(),
+        "global_loss_mean": accelerator.reduce(loss.detach().clone(), reduction="mean").item(),
+        "cached_loss_mean": accelerator.reduce(cached_loss.detach().clone(), reduction="mean").item(),
+        "max_grad_diff": max_grad_diff(ddp_grads, ref_grads),
+        "max_cached_grad_diff": max_grad_diff(grads_of(unwrapped), ref_grads),
+        "reference_kendall": ref["kendall"].item(),
+    }
 
 
 if __name__ == "__main__":

@@ -224,6 +224,40 @@ class RelevanceLabels:
             return self.matrix(image_ids, caption_ids)
         return self._labels(self._similarity(caption_ids, caption_ids), image_ids, caption_ids)
 
+    def values(self, image_ids, caption_ids) -> np.ndarray:
+        """``R(image_ids[k], caption_ids[k])`` for aligned id arrays (``"all"`` references: the entries of
+        :meth:`matrix` without the full matrix), float32; one row-wise product per reference rank."""
+        image_ids = _as_ids(image_ids, self.index.num_images, "image_id")
+        caption_ids = _as_ids(caption_ids, self.index.num_captions, "caption_id")
+        if len(image_ids) != len(caption_ids):
+            raise ValueError(f"{len(image_ids)} image ids but {len(caption_ids)} caption ids")
+        offsets, indices = self.index.image_caption_offsets, self.index.image_caption_indices
+        starts, counts = offsets[image_ids], offsets[image_ids + 1] - offsets[image_ids]
+        candidates = self.embeddings[caption_ids]
+        result = np.full(len(image_ids), -1.0, dtype=np.float32)
+        for k in range(int(counts.max()) if len(counts) else 0):
+            references = self.embeddings[indices[starts + np.minimum(k, counts - 1)]]
+            if sp.issparse(references):
+                sim = np.asarray(references.multiply(candidates).sum(axis=1)).reshape(-1)
+            else:
+                sim = np.einsum("ij,ij->i", references, candidates)
+            np.maximum(result, sim.astype(np.float32), out=result)
+        result = np.clip(result, -1.0, 1.0)
+        result[self.index.caption_image_ids[caption_ids] == image_ids] = 1.0
+        return result
+
+    def candidate_matrix(self, image_ids, caption_ids, candidate_caption_ids) -> torch.Tensor:
+        """``FloatTensor[B, C]``: relevance of extra candidate captions (e.g. mined hard negatives) to the rows of a
+        batch of pairs ``(image_ids[a], caption_ids[a])``, with the references of :meth:`batch_matrix` (``"all"``:
+        the image's captions; ``"paired"``: the row's own caption), 1 where a candidate belongs to the row's image.
+        ``candidate_matrix(i, c, c) == batch_matrix(i, c)``."""
+        image_ids = _as_ids(image_ids, self.index.num_images, "image_id")
+        caption_ids = _as_ids(caption_ids, self.index.num_captions, "caption_id")
+        candidates = _as_ids(candidate_caption_ids, self.index.num_captions, "caption_id")
+        if self.references == "all":
+            return self.matrix(image_ids, candidates)
+        return self._labels(self._similarity(caption_ids, candidates), image_ids, candidates)
+
     def iter_rows(self, chunk_size: int = 256, caption_ids=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(image_ids, matrix(image_ids, caption_ids))`` over all images in chunks (all captions by default)."""
         caption_ids = np.arange(self.index.num_captions) if caption_ids is None else caption_ids

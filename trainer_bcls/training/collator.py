@@ -11,6 +11,17 @@
     relevance_order_t2i  int64 [B, B]    relevance_sort_order(R.T)
     return_loss          True
 
+With ``hard_negatives_per_row=k`` (rows carry the mined ``hard_negative_caption_ids`` / ``hard_negatives`` columns of
+:func:`~trainer_bcls.training.hard_negative_mining.mine_hard_negatives`), each row adds up to k of its image's mined
+captions as extra text candidates (the i-th pair of an image takes them from position ``caption_id mod n`` on, so the
+five pairs of an image use different ones; a caption already in the batch is not added twice)::
+
+    hard_negative_caption_ids   int64 [E]
+    hard_negative_image_ids     int64 [E]       the image each extra caption belongs to (positives by image id)
+    hard_negative_input_ids, hard_negative_attention_mask (+ token_type_ids)   [E, L]   (when tokenising)
+    relevance            float32 [B, B + E]  the extra candidates' columns follow the paired captions'
+    relevance_order_i2t  int64 [B, B + E];   relevance_order_t2i over R[:, :B].T (text queries: paired captions only)
+
 Relevance comes from :class:`~trainer_bcls.labels.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
 small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes.
 Give the Trainer ``remove_unused_columns=False`` so that rows keep ``image``/``caption``/``image_id``/``caption_id``.
@@ -51,6 +62,7 @@ class BCLSDataCollator:
         skip_invalid: drop bad rows (counted, logged) instead of raising.
         image_transform: a picklable ``PIL.Image -> PIL.Image`` callable applied before the processor, e.g.
             :class:`~trainer_bcls.data.augmentation.RandomResizedCropFlip` (off by default).
+        hard_negatives_per_row: mined hard negatives added per row as extra text candidates (0: none).
     """
 
     def __init__(
@@ -60,7 +72,11 @@ class BCLSDataCollator:
         max_length: int | None = 64,
         skip_invalid: bool = False,
         image_transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+        hard_negatives_per_row: int = 0,
     ):
+        if hard_negatives_per_row < 0:
+            raise ValueError(f"hard_negatives_per_row must be >= 0, got {hard_negatives_per_row}")
+        self.hard_negatives_per_row = int(hard_negatives_per_row)
         self.processor = processor
         self.relevance = relevance
         self.max_length = max_length
@@ -80,7 +96,7 @@ class BCLSDataCollator:
         logger.warning("skipping a bad row (%d skipped so far in this process): %s", self.num_skipped, error)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        images, captions, image_ids, caption_ids = [], [], [], []
+        images, captions, image_ids, caption_ids, kept_rows = [], [], [], [], []
         for k, row in enumerate(rows):
             missing = [key for key in ROW_KEYS if key not in row and (key != "image" or self.load_images)]
             if missing:
@@ -110,36 +126,83 @@ class BCLSDataCollator:
             captions.append(caption)
             image_ids.append(int(row["image_id"]))
             caption_ids.append(int(row["caption_id"]))
+            kept_rows.append(k)
         if not captions:
             raise InvalidDataError(f"every row of a batch of {len(rows)} was invalid (see the warnings above)")
+        extra_ids, extra_images, extra_texts = self._hard_negatives([rows[k] for k in kept_rows], set(caption_ids))
 
         batch: dict[str, Any] = {}
         if self.load_images or self.tokenize:
             inputs = self.processor(
                 images=images if self.load_images else None,
-                text=captions if self.tokenize else None,
+                text=captions + extra_texts if self.tokenize else None,
                 padding=True,
                 truncation=self.max_length is not None,
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            batch.update(inputs.items())
+            for key, value in inputs.items():
+                if self.tokenize and key != "pixel_values" and extra_ids:
+                    batch[f"hard_negative_{key}"] = value[len(captions):]
+                    value = value[: len(captions)]
+                batch[key] = value
         if self.load_images:
             batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.int64)
         batch["caption_ids"] = torch.tensor(caption_ids, dtype=torch.int64)
+        if self.hard_negatives_per_row:
+            batch["hard_negative_caption_ids"] = torch.tensor(extra_ids, dtype=torch.int64)
+            batch["hard_negative_image_ids"] = torch.tensor(extra_images, dtype=torch.int64)
         if self.relevance is not None:
-            relevance = self.relevance.batch_matrix(np.asarray(image_ids), np.asarray(caption_ids))
+            image_array, caption_array = np.asarray(image_ids), np.asarray(caption_ids)
+            relevance = self.relevance.batch_matrix(image_array, caption_array)
+            batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
+            if extra_ids:
+                extra = self.relevance.candidate_matrix(image_array, caption_array, np.asarray(extra_ids))
+                relevance = torch.cat([relevance, extra], dim=1)
             batch["relevance"] = relevance
             batch["relevance_order_i2t"] = relevance_sort_order(relevance)
-            batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
         batch["return_loss"] = True
         return batch
+
+    def _hard_negatives(self, rows: list[dict[str, Any]], in_batch: set[int]) -> tuple[list[int], list[int], list[str]]:
+        """Up to ``hard_negatives_per_row`` mined captions per row (see the module docstring): caption ids, their
+        images and texts, without captions already in the batch or repeated."""
+        k = self.hard_negatives_per_row
+        if not k:
+            return [], [], []
+        ids, images, texts, seen = [], [], [], set(in_batch)
+        for row in rows:
+            if "hard_negative_caption_ids" not in row:
+                raise KeyError(
+                    f"hard_negatives_per_row={k} but the rows have no hard_negative_caption_ids column (keys: "
+                    f"{sorted(row)}): mine them first (examples/mine_hard_negatives.py) and train on its output"
+                )
+            mined = row["hard_negative_caption_ids"] or []
+            mined_images = row["hard_negative_image_ids"] or []
+            mined_texts = row["hard_negatives"] or []
+            if not (len(mined) == len(mined_images) == len(mined_texts)):
+                raise InvalidDataError(
+                    f"image_id {row['image_id']}: hard_negative_caption_ids, hard_negative_image_ids and "
+                    f"hard_negatives have different lengths ({len(mined)}, {len(mined_images)}, {len(mined_texts)})"
+                )
+            start = int(row["caption_id"]) % len(mined) if mined else 0
+            for j in range(min(k, len(mined))):
+                position = (start + j) % len(mined)
+                caption_id = int(mined[position])
+                if caption_id in seen:
+                    continue
+                seen.add(caption_id)
+                ids.append(caption_id)
+                images.append(int(mined_images[position]))
+                texts.append(mined_texts[position])
+        return ids, images, texts
 
     def __repr__(self) -> str:
         return (
             f"BCLSDataCollator(relevance={self.relevance!r}, max_length={self.max_length}, "
-            f"skip_invalid={self.skip_invalid}, image_transform={self.image_transform!r})"
+            f"skip_invalid={self.skip_invalid}, image_transform={self.image_transform!r}, "
+            f"hard_negatives_per_row={self.hard_negatives_per_row})"
         )
 
 

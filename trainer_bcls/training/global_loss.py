@@ -2,6 +2,11 @@
 
 See `trainer_bcls.distributed` for why ``L_r = W · Σ_{r's terms} φ / N_global`` makes DDP's averaged gradient
 equal the single-process gradient on the concatenated batch.
+
+Extra text candidates (mined hard negatives, ``hard_negative_caption_ids`` in the labels) follow the paired captions
+in ``text_embeds``: image→text queries rank the paired captions of every process and then the extra ones of every
+process (a column is positive when its caption belongs to the query's image, so a mined caption whose image is in
+the batch is a positive, never a false negative); text→image queries are the paired captions only.
 """
 
 from __future__ import annotations
@@ -46,29 +51,44 @@ def global_bcls_loss(
 
     Args:
         config: the model's [`BCLSConfig`] (loss hyperparameters).
-        image_embeds, text_embeds: this process's normalised embeddings, rows = pairs.
-        labels: the collator's label tensors (`image_ids`, `caption_ids`, `relevance`, `relevance_order_*`).
+        image_embeds: this process's normalised image embeddings, rows = pairs ``[B, D]``.
+        text_embeds: the paired captions' embeddings ``[B, D]``, followed by those of the batch's extra candidates
+            (``[B + E, D]`` when the labels carry ``hard_negative_caption_ids`` of length E).
+        labels: the collator's label tensors (`image_ids`, `caption_ids`, `relevance`, `relevance_order_*`,
+            `hard_negative_caption_ids`, `hard_negative_image_ids`).
         relevance_labels: the collator's [`RelevanceLabels`], needed to rebuild relevance across processes.
     """
     from modeling_bcls.losses import bcls_loss
 
     world_size = torch.distributed.get_world_size() if is_distributed() else 1
-    sizes = process_sizes(image_embeds.shape[0], image_embeds.device)  # one size exchange for all the gathers
+    batch = image_embeds.shape[0]
+    sizes = process_sizes(batch, image_embeds.device)  # one size exchange for all the gathers
     image_ids = labels.get("image_ids")
     if image_ids is None:
-        image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device) + local_offset(sizes)
+        image_ids = torch.arange(batch, device=image_embeds.device) + local_offset(sizes)
+    extra_ids = labels.get("hard_negative_caption_ids")
+    if extra_ids is None and text_embeds.shape[0] != batch:
+        raise ValueError(f"{batch} images but {text_embeds.shape[0]} captions and no `hard_negative_caption_ids`")
+    paired_text = text_embeds[:batch]
     all_image_embeds = gather_with_grad(image_embeds, sizes)
-    all_text_embeds = gather_with_grad(text_embeds, sizes)
+    all_text_embeds = gather_with_grad(paired_text, sizes)
     all_image_ids = gather_no_grad(image_ids, sizes)
     positive_mask = image_ids[:, None] == all_image_ids[None, :]
+    positive_mask_i2t = positive_mask
+    if extra_ids is not None:  # mined candidates of every process after the paired captions of every process
+        extra_sizes = process_sizes(extra_ids.shape[0], image_embeds.device)
+        all_extra_ids = gather_no_grad(extra_ids, extra_sizes)
+        all_extra_images = gather_no_grad(labels["hard_negative_image_ids"], extra_sizes)
+        all_text_embeds = torch.cat([all_text_embeds, gather_with_grad(text_embeds[batch:], extra_sizes)])
+        positive_mask_i2t = torch.cat([positive_mask, image_ids[:, None] == all_extra_images[None, :]], dim=1)
     sim_i2t = image_embeds.float() @ all_text_embeds.float().T
-    sim_t2i = text_embeds.float() @ all_image_embeds.float().T
+    sim_t2i = paired_text.float() @ all_image_embeds.float().T
 
     relevance_i2t = relevance_t2i = order_i2t = order_t2i = None
     if labels.get("relevance") is not None:
         if world_size == 1:
-            relevance_i2t = labels["relevance"]
-            relevance_t2i = relevance_i2t.T
+            relevance_i2t = labels["relevance"]  # [B, B + E]: the collator's columns are in the same order
+            relevance_t2i = relevance_i2t[:, :batch].T
             order_i2t = labels.get("relevance_order_i2t")
             order_t2i = labels.get("relevance_order_t2i")
         else:
@@ -80,6 +100,11 @@ def global_bcls_loss(
             relevance_i2t, relevance_t2i = global_relevance(
                 relevance_labels, labels["caption_ids"], all_image_ids, sizes
             )
+            if extra_ids is not None:
+                extra = relevance_labels.candidate_matrix(
+                    image_ids.cpu().numpy(), labels["caption_ids"].cpu().numpy(), all_extra_ids.cpu().numpy()
+                )
+                relevance_i2t = torch.cat([relevance_i2t, torch.as_tensor(extra)], dim=1)
         relevance_i2t = relevance_i2t.to(sim_i2t.device, torch.float32)
         relevance_t2i = relevance_t2i.to(sim_t2i.device, torch.float32)
 
@@ -88,7 +113,7 @@ def global_bcls_loss(
 
     return bcls_loss(
         sim_i2t,
-        positive_mask,
+        positive_mask_i2t,
         relevance_i2t,
         sim_t2i=sim_t2i,
         positive_mask_t2i=positive_mask,

@@ -43,11 +43,25 @@ class RandomState:
             yield
 
 
+IMAGE_FEATURE_KEYS = ("pixel_values", "vision_pooled_output")
+
+
+def _rows(features: dict[str, torch.Tensor], image: bool) -> int:
+    """Rows of one modality's inputs (images, or texts: the paired captions plus any extra candidates)."""
+    return max((len(v) for k, v in features.items() if (k in IMAGE_FEATURE_KEYS) == image), default=0)
+
+
 def _chunk(features: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    return {key: value[rows] for key, value in features.items()}
+    """The inputs of rows ``rows`` of each modality; a modality with no row there is left out (the text side can be
+    longer than the image side when the batch carries extra text candidates)."""
+    chunk = {}
+    for image in (True, False):
+        if rows.start < _rows(features, image):
+            chunk.update({k: v[rows] for k, v in features.items() if (k in IMAGE_FEATURE_KEYS) == image})
+    return chunk
 
 
-def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     outputs = model(**features, return_loss=False)
     return outputs.image_embeds, outputs.text_embeds
 
@@ -79,7 +93,7 @@ def cached_embeddings(
             "per-chunk batch statistics would change the loss and gradients. Freeze BatchNorm (module.eval()) "
             "or train without chunks."
         )
-    batch_size = next(iter(features.values())).shape[0]
+    batch_size = max(_rows(features, image=True), _rows(features, image=False))
     chunks = [slice(start, start + chunk_size) for start in range(0, batch_size, chunk_size)]
     device = next(iter(features.values())).device
     states, image_parts, text_parts = [], [], []
@@ -87,8 +101,8 @@ def cached_embeddings(
         for rows in chunks:
             states.append(RandomState(device))
             image_embeds, text_embeds = _embed(model, _chunk(features, rows))
-            image_parts.append(image_embeds)
-            text_parts.append(text_embeds)
+            image_parts += [image_embeds] if image_embeds is not None else []
+            text_parts += [text_embeds] if text_embeds is not None else []
     image_embeds = torch.cat(image_parts).detach().requires_grad_()
     text_embeds = torch.cat(text_parts).detach().requires_grad_()
     with torch.enable_grad():
@@ -126,9 +140,11 @@ def _chunked_backward(
         for rows, state in zip(chunks, states):
             with state.replay():
                 image_embeds, text_embeds = _embed(model, _chunk(features, rows))
-            surrogate = (image_embeds * (image_grad[rows] * grad_output)).sum() + (
-                text_embeds * (text_grad[rows] * grad_output)
-            ).sum()
+            surrogate = sum(
+                (embeds * (grad[rows] * grad_output)).sum()
+                for embeds, grad in ((image_embeds, image_grad), (text_embeds, text_grad))
+                if embeds is not None
+            )
             surrogate.backward()
     if sync_gradients and dist.is_available() and dist.is_initialized():
         world_size = dist.get_world_size()

@@ -47,7 +47,9 @@ from .training_args import BCLSTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i")
+LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i",
+              "hard_negative_caption_ids", "hard_negative_image_ids")
+HARD_NEGATIVE_PREFIX = "hard_negative_"  # the collator's extra text candidates: hard_negative_input_ids, ...
 MODEL_FEATURE_KEYS = (
     "pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids", "vision_pooled_output",
     "text_pooled_output",
@@ -275,10 +277,14 @@ class BCLSTrainer(Trainer):
         inputs = self._with_locked_image_features(model, inputs)
         distributed = is_distributed() and self.args.gather_across_processes
         image_ids = inputs.get("image_ids")
+        extra = inputs.get("hard_negative_caption_ids")
         if model.training and not distributed and isinstance(image_ids, torch.Tensor) and image_ids.numel():
-            self._batches_without_negatives = self._batches_without_negatives + (image_ids == image_ids[0]).all()
+            no_negative = (image_ids == image_ids[0]).all()
+            if extra is not None:  # mined candidates of other images are negatives too
+                no_negative = no_negative & (inputs["hard_negative_image_ids"] == image_ids[0]).all()
+            self._batches_without_negatives = self._batches_without_negatives + no_negative
             self._batches_counted += 1
-        if self.args.embedding_chunk_size is None and not distributed:
+        if self.args.embedding_chunk_size is None and not distributed and extra is None:
             outputs = model(**inputs)
             if outputs.loss is None:
                 raise ValueError("The model returned no loss: the batch needs `return_loss=True`.")
@@ -313,8 +319,12 @@ class BCLSTrainer(Trainer):
         if caches.text is not None:
             for key in TEXT_INPUT_KEYS:
                 inputs.pop(key, None)
+                inputs.pop(HARD_NEGATIVE_PREFIX + key, None)
+            caption_ids = inputs["caption_ids"]
+            if inputs.get("hard_negative_caption_ids") is not None:  # extra candidates after the paired captions
+                caption_ids = torch.cat([caption_ids, inputs["hard_negative_caption_ids"]])
             inputs["text_pooled_output"] = cached_text_pooled(
-                unwrapped, caches.text, inputs["caption_ids"], self.accelerator.autocast
+                unwrapped, caches.text, caption_ids, self.accelerator.autocast
             )
         return inputs
 
@@ -348,6 +358,9 @@ class BCLSTrainer(Trainer):
         features = {
             key: inputs[key] for key in MODEL_FEATURE_KEYS if inputs.get(key) is not None
         }
+        for key in TEXT_INPUT_KEYS:  # the extra (mined) candidates' tokens follow the paired captions'
+            if inputs.get(HARD_NEGATIVE_PREFIX + key) is not None and key in features:
+                features[key] = torch.cat([features[key], inputs[HARD_NEGATIVE_PREFIX + key]])
         chunk_size = self.args.embedding_chunk_size
         if chunk_size is not None and model.training and torch.is_grad_enabled():
             unwrapped = self._unwrap(model)
