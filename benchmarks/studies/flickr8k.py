@@ -569,6 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kendall_temperature", type=float, default=None)
     g.add_argument("--kendall_hard_mining", type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
     g.add_argument("--infonce_temperature", type=float, default=None)
+    g.add_argument("--false_negative_threshold", type=float, default=None)
+    g.add_argument("--false_negative_ramp", type=float, default=None)
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=str(ROOT / "outputs" / "flickr8k"), help="Per-run JSON.")
     g.add_argument("--results", default=str(ROOT / "benchmarks" / "studies" / "RESULTS.md"), help="Markdown file to append to.")

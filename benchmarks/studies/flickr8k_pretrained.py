@@ -94,8 +94,9 @@ def train_flags(args, run_dir: Path) -> list[str]:
         raise SystemExit(f"error: {', '.join(named)}: relevance variants and a Kendall warm-up are not train.py "
                          "options; those settings of the former loop are not re-run")
     minilm = minilm_path()
+    data = args.mined or str(Path(args.data) / "dataset_flickr8k.json")
     flags = [
-        "--data", str(Path(args.data) / "dataset_flickr8k.json"), "--train_split", "train", "--eval_split", "val",
+        "--data", data, "--train_split", "train", "--eval_split", "val",
         "--vision_model", args.vision, "--text_model", minilm, "--relevance", "sentence", "--relevance_model", minilm,
         *UNLOCK_FLAGS[args.unlock],
         "--binary_loss", args.binary_loss, "--margin", str(args.margin),
@@ -110,6 +111,8 @@ def train_flags(args, run_dir: Path) -> list[str]:
         "--report_to", "none", "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(run_dir),
         "--feature_cache_dir", str(args.feature_cache_dir),
     ]
+    if args.mined:
+        flags += ["--hard_negatives_per_row", str(args.hard_negatives_per_row)]
     if args.false_negative_threshold is not None:
         flags += ["--false_negative_threshold", str(args.false_negative_threshold),
                   "--false_negative_ramp", str(args.false_negative_ramp)]
@@ -165,7 +168,8 @@ def cmd_run(args) -> dict:
     return record
 
 
-SETTING_EXCLUDE = ("setting", "seed", "func", "command", "data", "output_dir", "vision", "threads", "feature_cache_dir")
+SETTING_EXCLUDE = ("setting", "seed", "func", "command", "data", "output_dir", "vision", "threads", "feature_cache_dir",
+                   "mined", "hard_negatives_per_row")
 
 
 def default_setting(args) -> str:
@@ -175,6 +179,8 @@ def default_setting(args) -> str:
     parts = [args.binary_loss, f"kw{args.kendall_weight:g}"]
     if Path(args.vision).resolve() != DEFAULT_VISION.resolve():
         parts.append(f"vision={Path(args.vision).name}")
+    if args.mined:
+        parts.append(f"mined={Path(args.mined).name}x{args.hard_negatives_per_row}")
     for key, value in vars(args).items():
         if key in SETTING_EXCLUDE or key in ("binary_loss", "kendall_weight") or value == defaults.get(key):
             continue
@@ -216,6 +222,8 @@ def append_records(records: list[dict], path: Path) -> None:
                 continue
             run_args = {k: v for k, v in r["args"].items()
                         if k not in ("data", "output_dir", "command", "func", "feature_cache_dir")}
+            if run_args.get("mined"):
+                run_args["mined"] = Path(run_args["mined"]).name
             run_args["vision"] = Path(run_args.get("vision", str(DEFAULT_VISION))).name
             kept = ("setting", "seed", "via", "steps", "train_seconds", "wall_seconds", "metrics")
             out.write(json.dumps({k: r[k] for k in kept if k in r} | {"args": run_args}) + "\n")
@@ -342,6 +350,9 @@ def parse_args(argv=None):
     run.add_argument("--false_negative_threshold", type=float, default=None,
                      help="relevance-aware negatives: θ (negatives with relevance above it leave the binary term)")
     run.add_argument("--false_negative_ramp", type=float, default=0.0, help="soft exclusion width (0: hard)")
+    run.add_argument("--mined", default=None,
+                     help="train on this examples/mine_hard_negatives.py output (Flickr8k with mined hard negatives)")
+    run.add_argument("--hard_negatives_per_row", type=int, default=1, help="with --mined")
     run.add_argument("--relevance", choices=["minilm", "tfidf", "both"], default="minilm")
     run.add_argument("--relevance_reduce", choices=["max", "mean"], default="max")
     run.add_argument("--relevance_rescale", action="store_true")
