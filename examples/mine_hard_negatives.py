@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relative_margin", type=float, default=None)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--feature_cache_dir", default=None,
+                        help="train.py's --feature_cache_dir of a run with locked towers: pooled tower outputs are read "
+                             "from it (computed and added for what is missing) instead of running the towers.")
     parser.add_argument("--device", default=None, help="cuda, mps, cpu, ... (default: cuda, else mps, else cpu).")
     return parser.parse_args(argv)
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     mined, counts = mine_hard_negatives(
         model, pairs, processor, relevance, num_negatives=args.num_negatives, range_max=args.range_max,
         relevance_threshold=args.relevance_threshold, relative_margin=args.relative_margin,
-        batch_size=args.batch_size, max_length=args.max_length,
+        batch_size=args.batch_size, max_length=args.max_length, feature_cache_dir=args.feature_cache_dir,
     )
     splits = {args.train_split: mined}
     if args.eval_split and args.eval_split.lower() != "none":

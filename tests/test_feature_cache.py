@@ -312,3 +312,19 @@ def test_bad_images_are_skipped_and_counted_with_skip_invalid(train_pairs, relev
     batch = trainer.data_collator([pairs[i] for i in range(10)])
     bad_rows = sum(1 for i in range(10) if pairs[i]["image_id"] == first_image)
     assert bad_rows and len(batch["image_ids"]) == 10 - bad_rows and trainer.data_collator.num_skipped == bad_rows
+
+
+def test_cache_context_ignores_the_processor_loading_keys(tiny_processor, tmp_path):
+    """A model reloaded from its saved folder (whose processor config gains `auto_map`) finds the caches its
+    training run filled: the loading keys are not part of the image cache's context."""
+    import copy
+
+    from trainer_bcls.training.feature_cache import _pixel_config
+
+    saved = copy.deepcopy(tiny_processor.image_processor)
+    saved.auto_map = {"AutoProcessor": "processing_bcls.BCLSProcessor"}
+    assert "auto_map" in saved.to_dict()
+    assert _pixel_config(saved) == _pixel_config(tiny_processor.image_processor)
+    resized = copy.deepcopy(tiny_processor.image_processor)
+    resized.size = {"height": 48, "width": 48}
+    assert _pixel_config(resized) != _pixel_config(tiny_processor.image_processor)

@@ -20,7 +20,13 @@ from trainer_bcls import (
 )
 from trainer_bcls.data.caption_index import ImageCaptionIndex
 from trainer_bcls.evaluation.split_evaluation import EncodedSplit
-from trainer_bcls.training.hard_negative_mining import MINED_COLUMNS, mine_from_embeddings, mine_hard_negatives
+from trainer_bcls.training.hard_negative_mining import (
+    MINED_COLUMNS,
+    encode_split_from_caches,
+    mine_from_embeddings,
+    mine_hard_negatives,
+)
+from trainer_bcls.evaluation.split_evaluation import encode_split
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +275,18 @@ def test_mine_then_train_from_the_command_line(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="exists and is not empty"):
         load_example("mine_hard_negatives").main(["--model", str(first), "--data", str(synthetic_dir),
                                                   "--output", str(mined_dir)])
+
+
+def test_mining_from_the_training_feature_caches_equals_running_the_towers(train_pairs, relevance, tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor(train_pairs["caption"], image_size=32, projection_dim=16,
+                                                      vision="vit")
+    direct = encode_split(model, train_pairs, processor, show_progress=False)
+    for attempt in range(2):  # the first fills the cache folder, the second reads it
+        cached = encode_split_from_caches(model, train_pairs, processor, tmp_path / "features", show_progress=False)
+        torch.testing.assert_close(cached.image_embeds, direct.image_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached.text_embeds, direct.text_embeds, rtol=0, atol=1e-5)
+    assert any((tmp_path / "features").rglob("*.safetensors"))
+    a, _ = mine_from_embeddings(direct, relevance, num_negatives=2, range_max=8, relevance_threshold=0.3)
+    b, _ = mine_from_embeddings(cached, relevance, num_negatives=2, range_max=8, relevance_threshold=0.3)
+    assert a == b

@@ -332,6 +332,15 @@ def _share_and_compute(items: list[int], prepare: Callable, compute: Callable, b
     return all_items.cpu().tolist(), PackedRows(all_values.cpu(), all_lengths.cpu())
 
 
+# Keys of a saved image processor's config that say how to load it, not how it makes pixels (`save_pretrained` adds
+# `auto_map` for remote code): a model reloaded from its folder must find the caches its training run filled.
+PROCESSOR_LOADING_KEYS = ("auto_map", "processor_class", "_processor_class")
+
+
+def _pixel_config(image_processor) -> dict:
+    return _jsonable({k: v for k, v in image_processor.to_dict().items() if k not in PROCESSOR_LOADING_KEYS})
+
+
 def build_feature_caches(
     model: nn.Module,
     dataset,
@@ -381,7 +390,7 @@ def build_feature_caches(
             context = {"kind": kind, "mode": mode, "fingerprint": weights_fingerprint(tower),
                        "pooling": model.config.vision_pooling,
                        "boundary": [boundary.blocks, boundary.first_trainable] if boundary else None,
-                       "processor": _jsonable(processor.image_processor.to_dict()), "precision": precision}
+                       "processor": _pixel_config(processor.image_processor), "precision": precision}
         else:
             texts = dataset.select(first.tolist())["caption"]
             keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]

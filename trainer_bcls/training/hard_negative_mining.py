@@ -20,11 +20,14 @@ batches as extra, negative-only text candidates.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from datasets import Dataset
 
+from ..data.caption_index import ImageCaptionIndex
+from ..data.loaders import without_image_decoding
 from ..evaluation.split_evaluation import EncodedSplit, encode_split
 from ..labels.relevance import RelevanceLabels
 
@@ -84,6 +87,41 @@ def mine_from_embeddings(
     return mined, counts
 
 
+def encode_split_from_caches(
+    model, pairs: Dataset, processor, cache_dir, *, batch_size: int = 64, max_length: int | None = None,
+    show_progress: bool = True,
+) -> EncodedSplit:
+    """:func:`encode_split` for a model with locked towers, from the lock-boundary feature caches that training
+    filled (``feature_cache_dir``): only what is not cached yet runs through the towers, then the projections."""
+    from .feature_cache import build_feature_caches, cached_text_pooled, cached_vision_pooled
+    from .tower_freezing import freeze_towers
+
+    freeze_towers(model, freeze_vision_model=True, freeze_text_model=True)  # no gradient here: the towers are locked
+    caches = build_feature_caches(  # undecoded images: keyed by file, as in training
+        model, without_image_decoding(pairs), processor, max_length=max_length, cache_images=True, cache_text=True,
+        gradcache=False, cache_dir=cache_dir, batch_size=batch_size, show_progress=show_progress,
+    )
+    if caches.vision is None or caches.text is None or caches.invalid_image_ids:
+        raise ValueError("the feature caches cover not every image and caption of the split: mine without them")
+    index = ImageCaptionIndex.from_pairs(pairs)
+    device = next(model.parameters()).device
+    image_ids = torch.arange(index.num_images, device=device)
+    caption_ids = torch.arange(index.num_captions, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            image_embeds = torch.cat([
+                model(vision_pooled_output=cached_vision_pooled(model, caches.vision, ids, nullcontext)).image_embeds
+                for ids in image_ids.split(1024)])
+            text_embeds = torch.cat([
+                model(text_pooled_output=cached_text_pooled(model, caches.text, ids, nullcontext)).text_embeds
+                for ids in caption_ids.split(1024)])
+    finally:
+        model.train(was_training)
+    return EncodedSplit(image_embeds=image_embeds.cpu(), text_embeds=text_embeds.cpu(), index=index)
+
+
 def mine_hard_negatives(
     model,
     pairs: Dataset,
@@ -96,10 +134,13 @@ def mine_hard_negatives(
     relative_margin: float | None = None,
     batch_size: int = 64,
     max_length: int | None = None,
+    feature_cache_dir=None,
     show_progress: bool = True,
 ) -> tuple[Dataset, dict[str, float]]:
     """Embed the split with ``model`` (each image once, every caption) and mine (see the module docstring).
 
+    ``feature_cache_dir``: the lock-boundary feature caches of training (a model whose towers were locked): the
+    pooled tower outputs are read from there (:func:`encode_split_from_caches`) instead of running the towers.
     Returns the pair view with the :data:`MINED_COLUMNS` added, and the counts of :func:`mine_from_embeddings`.
     """
     if relevance.index.num_captions != len(pairs):
@@ -110,7 +151,11 @@ def mine_hard_negatives(
     present = [c for c in MINED_COLUMNS if c in pairs.column_names]
     if present:
         raise ValueError(f"the pairs already have mined columns {present}: mine from the plain pair view")
-    encoded = encode_split(model, pairs, processor, batch_size, max_length, show_progress)
+    if feature_cache_dir is not None:
+        encoded = encode_split_from_caches(model, pairs, processor, feature_cache_dir, batch_size=batch_size,
+                                           max_length=max_length, show_progress=show_progress)
+    else:
+        encoded = encode_split(model, pairs, processor, batch_size, max_length, show_progress)
     mined, counts = mine_from_embeddings(
         encoded, relevance, num_negatives=num_negatives, range_max=range_max,
         relevance_threshold=relevance_threshold, relative_margin=relative_margin,
@@ -129,4 +174,4 @@ def mine_hard_negatives(
     return pairs, counts
 
 
-__all__ = ["MINED_COLUMNS", "mine_from_embeddings", "mine_hard_negatives"]
+__all__ = ["MINED_COLUMNS", "encode_split_from_caches", "mine_from_embeddings", "mine_hard_negatives"]
