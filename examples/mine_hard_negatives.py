@@ -29,6 +29,7 @@ from datasets import DatasetDict  # noqa: E402
 
 from modeling_bcls import BCLSModel, BCLSProcessor  # noqa: E402
 from trainer_bcls import build_relevance_labels, default_synthetic_dir, load_pairs  # noqa: E402
+from trainer_bcls.data.loaders import with_image_paths  # noqa: E402
 from trainer_bcls.retrieval.inference_device import prepare_for_inference  # noqa: E402
 from trainer_bcls.training.hard_negative_mining import mine_hard_negatives  # noqa: E402
 
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     splits = {args.train_split: mined}
     if args.eval_split and args.eval_split.lower() != "none":
         splits[args.eval_split] = load_pairs(data, args.eval_split)
-    DatasetDict(splits).save_to_disk(str(output))
+    # images on disk are saved as their paths (not copied): the saved folder stays small and the lock-boundary
+    # caches of the original data still match
+    DatasetDict({name: with_image_paths(pairs) for name, pairs in splits.items()}).save_to_disk(str(output))
     counts = {**counts, "model": args.model, "relevance_threshold": args.relevance_threshold,
               "range_max": args.range_max, "num_negatives": args.num_negatives, "relative_margin": args.relative_margin}
     (output / "mining.json").write_text(json.dumps(counts, indent=1))

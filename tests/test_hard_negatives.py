@@ -262,6 +262,12 @@ def test_mine_then_train_from_the_command_line(synthetic_dir, tmp_path):
     assert counts["mined_per_image"] > 0 and json.loads((mined_dir / "mining.json").read_text())["num_negatives"] == 3
     mined = load_pairs(str(mined_dir), "train")
     assert set(MINED_COLUMNS) <= set(mined.column_names)
+    # the images are saved as their paths, not copied, and load back as the same files
+    from datasets import Image
+
+    assert sum(f.stat().st_size for f in mined_dir.rglob("*.arrow")) < 200_000
+    source = load_pairs(str(synthetic_dir), "train").cast_column("image", Image(decode=False))
+    assert mined.cast_column("image", Image(decode=False))[:3]["image"] == source[:3]["image"]
     assert len(load_pairs(str(mined_dir), "val")) == len(load_pairs(str(synthetic_dir), "val"))
     metrics = load_example("train").main(
         ["--model_name_or_path", str(first), "--data", str(mined_dir), "--output_dir", str(tmp_path / "second"),

@@ -652,6 +652,8 @@ def load_hf_dataset(
     if "image_id" in available and "caption_id" in available:
         check_pair_view(dataset)
         ImageCaptionIndex.from_pairs(dataset)  # raises on duplicate / non-dense ids
+        if isinstance(dataset.features["image"], Value):  # saved by reference (`with_image_paths`)
+            dataset = dataset.cast_column("image", Image())
         return dataset
 
     image_column = resolve_image_column(dataset, image_column, where, "image_column=...")
@@ -768,6 +770,20 @@ def load_pairs(
     if not isinstance(split, str):
         raise ValueError("Hub datasets take one split name")
     return load_hf_dataset(text, split, **hf, **kwargs)
+
+
+def with_image_paths(pairs: Dataset) -> Dataset:
+    """The pair view with its ``image`` column as absolute file paths (strings) when every image is a file on disk,
+    so that ``save_to_disk`` stores references instead of copying every image into the saved folder (it embeds the
+    bytes of ``datasets.Image`` columns); ``load_pairs`` on the saved folder turns the paths back into images, and
+    the lock-boundary caches find the images by file as before. Images held as bytes are kept as they are."""
+    undecoded = _undecoded(pairs.select_columns(["image"]), "image").flatten().with_format("arrow")[:]
+    paths = undecoded.column("image.path").to_pylist()
+    has_bytes = undecoded.column("image.bytes").is_valid().to_numpy(zero_copy_only=False)
+    if has_bytes.any() or not all(p and os.path.isfile(p) for p in paths):
+        return pairs
+    columns = [c for c in pairs.column_names if c != "image"]
+    return pairs.select_columns(columns).add_column("image", [os.path.abspath(p) for p in paths])
 
 
 def densify_ids(pairs: Dataset) -> Dataset:
