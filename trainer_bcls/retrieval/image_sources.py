@@ -11,7 +11,7 @@ import logging
 import os
 import stat as stat_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import PIL.Image
 
@@ -44,6 +44,10 @@ class ImageSource:
     def covers(self, key: str) -> bool:
         """Whether `key` names an image of this source (a covered key missing from `keys` was deleted)."""
         raise NotImplementedError
+
+    def share(self, rank: int, world: int) -> Sequence[int]:
+        """The positions process `rank` of `world` embeds: rank, rank + world, ... (new images spread evenly)."""
+        return range(rank, len(self), world)
 
 
 def file_stamp(path: str | os.PathLike) -> str | None:
