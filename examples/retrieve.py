@@ -140,9 +140,11 @@ def index_command(args: argparse.Namespace) -> dict | None:
         index_params=_index_params(args), max_memory=args.max_index_memory,
     )  # fmt: skip
     own = report.rates[0] if rank else None
-    if own is not None:  # process 0 prints the whole build's summary, with every process's rate
-        print(json.dumps({"process": rank, "images": own.images, "seconds": round(own.seconds, 3),
-                          "images_per_s": round(own.images_per_s, 2)}), flush=True)
+    if own is not None:  # process 0 prints the whole build's summary (stdout), with every process's rate
+        line = json.dumps({"process": rank, "images": own.images, "seconds": round(own.seconds, 3),
+                           "images_per_s": round(own.images_per_s, 2)})
+        sys.stderr.write(line + "\n")  # one write: lines of several processes never interleave
+        sys.stderr.flush()
         return None
     summary = {
         "index": str(args.output), "images": report.total, "added": report.added, "updated": report.updated,
@@ -150,7 +152,8 @@ def index_command(args: argparse.Namespace) -> dict | None:
         "backend": index.backend, "index_type": index.index_type, "index_params": index.index_params,
         "processes": world, "images_per_s": [round(rate.images_per_s, 2) for rate in report.rates],
     }  # fmt: skip
-    print(json.dumps(summary), flush=True)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()
     return summary
 
 
@@ -247,8 +250,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     index = commands.add_parser("index", help="Embed a folder or dataset of images into an index folder.")
     index.add_argument("--model", required=True, help="A saved BCLS model folder (or Hub id).")
-    index.add_argument("--images", required=True, help="A folder of images (recursive), a save_to_disk folder or a "
-                       "Hub dataset id.")
+    index.add_argument("--images", required=True, help="A folder of images (recursive), webdataset shards "
+                       "('shards/shard-{000000..000009}.tar', keyed by sample), a save_to_disk folder or a Hub dataset id.")
     index.add_argument("--output", required=True, help="Index folder (created, or extended with new images).")
     index.add_argument("--split", default=None, help="Dataset split (default: the only one, else train).")
     index.add_argument("--image_column", default=None, help="Dataset image column (default: image / first Image).")

@@ -32,8 +32,10 @@ def _index(model_dir: Path, images: Path, output: Path, *extra: str, processes: 
     if processes == 1:
         return _retrieve(*args)
     proc = launch([str(ROOT / "examples/retrieve.py"), *args], tmp)
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return next(line for line in lines if "index" in line), [line for line in lines if "process" in line]
+    summary = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rates = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"process"')]
+    assert len(summary) == 1, proc.stdout  # process 0 only; the others print their rate to stderr
+    return summary[0], rates
 
 
 def _manifest(folder: Path) -> dict:
