@@ -9,7 +9,8 @@
 `index` walks the folder recursively (or reads the image column of a `save_to_disk` folder / Hub dataset), embeds
 in batches and saves `embeddings-<digest>.safetensors`, `index.faiss` (with faiss) and `index.json` in one step; run it again
 to embed only new or changed images (deleted ones are dropped); `--index_type flat|ivf|hnsw|ivfpq|auto` chooses
-the FAISS index (`auto`: by gallery size and `--max_index_memory`). `search` prints one JSON object per hit:
+the FAISS index (`auto`: by gallery size and `--max_index_memory`); under `accelerate launch --num_processes N`
+each process embeds a share of the gallery and process 0 writes the one index (README, "Several processes"). `search` prints one JSON object per hit:
 {"query", "rank", "path", "score"} (`--nprobe`, `--ef_search`, `--rescore` for approximate types). `serve` answers
 `GET /search?q=...`, `POST /search` (an image) and `GET /` (a search page) on 127.0.0.1 unless `--host` says otherwise.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -109,21 +111,49 @@ def load_index_and_model(args: argparse.Namespace):
     return index, model
 
 
-def index_command(args: argparse.Namespace) -> dict:
+def _start_processes(device: str | None) -> tuple[int, int, str | None]:
+    """Under `accelerate launch` with several processes: start the process group (Accelerate's `PartialState`),
+    give each process cores / processes threads and its own device. Returns (rank, world, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0, 1, device
+    import torch
+    from accelerate import PartialState
+
+    from trainer_bcls.retrieval.parallel_index import threads_per_process
+
+    # `cpu`: gloo processes (ACCELERATE_USE_CPU, `--device cpu` or no GPU), else one GPU per process (nccl)
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available() \
+        or (device or "").startswith("cpu")
+    state = PartialState(cpu=cpu)
+    torch.set_num_threads(threads_per_process())
+    return state.process_index, state.num_processes, device or str(state.device)
+
+
+def index_command(args: argparse.Namespace) -> dict | None:
     check_output_folder(args.output)  # before the gallery is embedded, not after
+    rank, world, device = _start_processes(args.device)
     source = open_image_source(args.images, args.split, args.image_column, max_pixels=args.max_image_pixels)
-    model = RetrievalModel.from_pretrained(args.model, args.device, args.bf16)
+    model = RetrievalModel.from_pretrained(args.model, device, args.bf16)
     index, report = build_index(
         model, source, args.output, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
         num_workers=args.num_workers, show_progress=not args.no_progress, index_type=args.index_type,
         index_params=_index_params(args), max_memory=args.max_index_memory,
     )  # fmt: skip
+    own = report.rates[0] if rank else None
+    if own is not None:  # process 0 prints the whole build's summary (stdout), with every process's rate
+        line = json.dumps({"process": rank, "images": own.images, "seconds": round(own.seconds, 3),
+                           "images_per_s": round(own.images_per_s, 2)})
+        sys.stderr.write(line + "\n")  # one write: lines of several processes never interleave
+        sys.stderr.flush()
+        return None
     summary = {
         "index": str(args.output), "images": report.total, "added": report.added, "updated": report.updated,
         "removed": report.removed, "already_indexed": report.already_indexed, "skipped": len(report.skipped),
         "backend": index.backend, "index_type": index.index_type, "index_params": index.index_params,
+        "processes": world, "images_per_s": [round(rate.images_per_s, 2) for rate in report.rates],
     }  # fmt: skip
-    print(json.dumps(summary))
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()
     return summary
 
 
@@ -220,8 +250,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     index = commands.add_parser("index", help="Embed a folder or dataset of images into an index folder.")
     index.add_argument("--model", required=True, help="A saved BCLS model folder (or Hub id).")
-    index.add_argument("--images", required=True, help="A folder of images (recursive), a save_to_disk folder or a "
-                       "Hub dataset id.")
+    index.add_argument("--images", required=True, help="A folder of images (recursive), webdataset shards "
+                       "('shards/shard-{000000..000009}.tar', keyed by sample), a save_to_disk folder or a Hub dataset id.")
     index.add_argument("--output", required=True, help="Index folder (created, or extended with new images).")
     index.add_argument("--split", default=None, help="Dataset split (default: the only one, else train).")
     index.add_argument("--image_column", default=None, help="Dataset image column (default: image / first Image).")

@@ -1,7 +1,7 @@
 """Data: image-caption datasets on disk or on the Hub → ``datasets.Dataset`` pair views (one row per caption).
 
 Holds the loaders (Karpathy json, imagefolder + metadata, saved / parquet / Hub datasets), image decoding to RGB,
-the image → captions index of a split, the synthetic demo data, train-time augmentation and the data errors
+the image → captions index of a split, webdataset shards (patterns, reading, writing), the synthetic demo data, train-time augmentation and the data errors
 (:class:`InvalidDataError`, counted skips). May import only the standard library, PIL, numpy, ``datasets`` and
 ``trainer_bcls.cache``: nothing from ``labels``, ``training``, ``evaluation``, ``retrieval`` or ``modeling_bcls``.
 """
@@ -20,6 +20,8 @@ from .loaders import (
     validate_images,
     without_image_decoding,
 )
+from .shard_writer import karpathy_shard_samples, write_shards
+from .shards import expand_shard_pattern, iter_shard_samples
 from .synthetic import default_synthetic_dir, make_synthetic_dataset
 
 __all__ = [
@@ -31,6 +33,9 @@ __all__ = [
     "check_pair_view",
     "default_synthetic_dir",
     "densify_ids",
+    "expand_shard_pattern",
+    "iter_shard_samples",
+    "karpathy_shard_samples",
     "load_hf_dataset",
     "load_image",
     "load_imagefolder",
@@ -43,4 +48,5 @@ __all__ = [
     "to_rgb",
     "validate_images",
     "without_image_decoding",
+    "write_shards",
 ]

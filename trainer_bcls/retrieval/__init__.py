@@ -1,7 +1,7 @@
 """Retrieval: embed a gallery once into an on-disk index, then search it by text or by image.
 
 Holds :class:`RetrievalIndex` (embeddings in safetensors + ``index.json`` [+ ``index.faiss``], incremental
-updates), the image sources it embeds (a folder walked recursively, a datasets image column) and the inference
+updates, a multi-process build in ``parallel_index``), the image sources it embeds (a folder walked recursively, a datasets image column) and the inference
 device / bf16 choice. May import ``modeling_bcls``, ``trainer_bcls.data`` (image loading), ``trainer_bcls.evaluation``
 (the batch encoders) and ``trainer_bcls.fingerprint``; nothing from ``training``.
 """

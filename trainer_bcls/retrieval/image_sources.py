@@ -1,4 +1,5 @@
-"""Images to index, listed without decoding: a folder walked recursively, or a datasets image column.
+"""Images to index, listed without decoding: a folder walked recursively, or a datasets image column (webdataset
+shards: `shard_source`).
 
 An [`ImageSource`] has a stable string key per image (the absolute file path, or `dataset:split:row`) and loads
 one image at a time, so an indexer never holds more than a batch of decoded images.
@@ -11,7 +12,7 @@ import logging
 import os
 import stat as stat_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import PIL.Image
 
@@ -44,6 +45,10 @@ class ImageSource:
     def covers(self, key: str) -> bool:
         """Whether `key` names an image of this source (a covered key missing from `keys` was deleted)."""
         raise NotImplementedError
+
+    def share(self, rank: int, world: int) -> Sequence[int]:
+        """The positions process `rank` of `world` embeds: rank, rank + world, ... (new images spread evenly)."""
+        return range(rank, len(self), world)
 
 
 def file_stamp(path: str | os.PathLike) -> str | None:
@@ -146,11 +151,18 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
 
 def open_image_source(images: str | os.PathLike, split: str | None = None, image_column: str | None = None,
                       max_pixels: int | None = MAX_IMAGE_PIXELS):
-    """A folder of images (walked recursively), a `save_to_disk` folder, or else a Hub dataset id.
+    """A folder of images (walked recursively), webdataset shards (`shards/shard-{000000..000009}.tar`, see
+    [`trainer_bcls.retrieval.shard_source`]), a `save_to_disk` folder, or else a Hub dataset id.
 
     `split` picks a split of a `DatasetDict` or Hub dataset (default: the only split, else `train`); a plain saved
     `Dataset` has no splits, so a `split` there is an error.
     """
+    from .shard_source import ShardSource, is_shard_pattern
+
+    if is_shard_pattern(images):
+        if split is not None or image_column is not None:
+            raise ValueError(f"{images} names webdataset shards: --split / --image_column apply to datasets only")
+        return ShardSource(images, max_pixels)
     path = Path(images)
     if path.is_dir() and not is_saved_dataset(path):
         if split is not None or image_column is not None:

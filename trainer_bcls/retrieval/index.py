@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.errors import InvalidDataError, SkipReport
+from ..distributed import is_distributed
 from ..fingerprint import weights_fingerprint
 from ..evaluation.split_evaluation import encode_images, encode_texts
 from ..data.image_loading import ImageLoadError, load_image
@@ -59,6 +60,7 @@ RESCORE_FACTOR = 10  # `rescore`: candidates fetched per hit asked for
 EMBEDDINGS_FILE = "embeddings.safetensors"  # version 1 name; version 2 names files by digest (see `stored_file`)
 METADATA_FILE = "index.json"
 FAISS_FILE = "index.faiss"
+PARTS_FOLDER = ".parts"  # per-process part files of a multi-process build ([`trainer_bcls.retrieval.parallel_index`])
 _REQUIRED_KEYS = ("model", "model_fingerprint", "dim", "count", "paths")
 
 
@@ -140,6 +142,19 @@ class IndexingReport:
     already_indexed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
     total: int = 0  # rows in the index afterwards
+    rates: list["ProcessRate"] = field(default_factory=list)  # per process (one entry without a process group)
+
+
+@dataclass
+class ProcessRate:
+    """Images one process embedded and the seconds its part of the build took (listing, stamps, embedding)."""
+
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 class RetrievalIndex:
@@ -699,24 +714,25 @@ def build_index(
 
     `index_type` (`flat`, `ivf`, `hnsw`, `ivfpq`, `auto`; `None`: the folder's, else `flat`), `index_params`
     (`nlist`, `M`, `pq_m`) and `max_memory` (bytes, for `auto`) choose the FAISS index ([`trainer_bcls.retrieval.ann`]);
-    changing them on an existing folder rebuilds its FAISS index, the embeddings are kept."""
-    if len(source) == 0:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise InvalidDataError(f"no images found in {source.name} (image suffixes: {suffixes})")
-    if output is not None:
-        check_output_folder(output)
-    if output is not None and (Path(output) / METADATA_FILE).exists():
-        index = RetrievalIndex.load(output, use_faiss=use_faiss)
-        index.check_model(retrieval_model.fingerprint, retrieval_model.bf16, where=f"index {output}")
-    else:
-        dim = retrieval_model.model.config.projection_dim
-        index = RetrievalIndex(torch.zeros(0, dim), [], retrieval_model.name, retrieval_model.fingerprint,
-                               retrieval_model.bf16, use_faiss)
-    if index_type is not None and (index_type, dict(index_params or {}), max_memory) != (
-            index.requested_type, index.requested_params, index.max_memory):
-        if len(index):
-            logger.info("%s: index type %s -> %s (the FAISS index is rebuilt)", output, index.requested_type, index_type)
-        index.set_index_type(index_type, index_params, max_memory)
+    changing them on an existing folder rebuilds its FAISS index, the embeddings are kept.
+
+    In a process group of several processes (`accelerate launch`), each process embeds its share and process 0
+    merges ([`trainer_bcls.retrieval.parallel_index`]); the index is then returned on process 0 only (`None`
+    elsewhere). `report.rates` holds each process's images and seconds."""
+    if output is not None and is_distributed():
+        from .parallel_index import build_index_parallel
+
+        return build_index_parallel(
+            retrieval_model, source, output, batch_size=batch_size, skip_invalid=skip_invalid, num_workers=num_workers,
+            show_progress=show_progress, use_faiss=use_faiss, checkpoint_seconds=checkpoint_seconds,
+            index_type=index_type, index_params=index_params, max_memory=max_memory,
+        )  # fmt: skip
+    started = time.monotonic()
+    index = open_index(retrieval_model, source, output, use_faiss, index_type, index_params, max_memory)
+    if output is not None and (Path(output) / PARTS_FOLDER).is_dir():  # parts of a killed multi-process build
+        from .parallel_index import merge_leftover_parts
+
+        merge_leftover_parts(index, Path(output) / PARTS_FOLDER, retrieval_model)
     stamps = [source.stamp(i) for i in range(len(source))]
     indexed = dict(zip(index.paths, index.stamps))
     present = set(source.keys)
@@ -758,7 +774,32 @@ def build_index(
     flush(save=output is not None)
     changed_set = set(changed)
     report.added, report.total = sum(1 for p in done if p not in changed_set), len(index)
+    report.rates = [ProcessRate(len(done), time.monotonic() - started)]
     return index, report
+
+
+def open_index(retrieval_model: RetrievalModel, source: ImageSource, output: str | os.PathLike | None,
+               use_faiss: bool | None = None, index_type: str | None = None,
+               index_params: dict[str, int] | None = None, max_memory: int | None = None) -> RetrievalIndex:
+    """The index at `output` (checked to be of `retrieval_model`), or a new empty one, with the requested type."""
+    if len(source) == 0:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InvalidDataError(f"no images found in {source.name} (image suffixes: {suffixes})")
+    if output is not None:
+        check_output_folder(output)
+    if output is not None and (Path(output) / METADATA_FILE).exists():
+        index = RetrievalIndex.load(output, use_faiss=use_faiss)
+        index.check_model(retrieval_model.fingerprint, retrieval_model.bf16, where=f"index {output}")
+    else:
+        dim = retrieval_model.model.config.projection_dim
+        index = RetrievalIndex(torch.zeros(0, dim), [], retrieval_model.name, retrieval_model.fingerprint,
+                               retrieval_model.bf16, use_faiss)
+    if index_type is not None and (index_type, dict(index_params or {}), max_memory) != (
+            index.requested_type, index.requested_params, index.max_memory):
+        if len(index):
+            logger.info("%s: index type %s -> %s (the FAISS index is rebuilt)", output, index.requested_type, index_type)
+        index.set_index_type(index_type, index_params, max_memory)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------------------------------
