@@ -168,6 +168,7 @@ def cmd_run(args) -> dict:
     return record
 
 
+BASELINES = ("triplet_sn,kw0", "triplet_sn,kw0.2,kendall_label_gap=0.15")
 SETTING_EXCLUDE = ("setting", "seed", "func", "command", "data", "output_dir", "vision", "threads", "feature_cache_dir",
                    "mined", "hard_negatives_per_row")
 
@@ -257,10 +258,12 @@ def cmd_collect(args) -> None:
     print(table)
     if args.plot:
         locked = {name: s for name, s in summary.items() if "unlock=" not in name}  # the plot: locked towers only
-        plot(locked, Path(args.plot), args.tower or Path(args.vision).name)
+        if args.only:  # e.g. the settings of one study, plus the binary-only and default baselines
+            locked = {n: s for n, s in locked.items() if any(t in n for t in args.only) or n in BASELINES}
+        plot(locked, Path(args.plot), args.tower or Path(args.vision).name, label_all=args.label_all)
 
 
-def plot(summary: dict, path: Path, tower: str) -> None:
+def plot(summary: dict, path: Path, tower: str, label_all: bool = False) -> None:
     """rsum against τ-b, one point per setting (error bars: half-range over seeds). Left: every setting; the plain
     `<binary>,kw<λ>` settings of each binary loss are joined in λ order (its frontier), the others are grey. Right: the
     Triplet-SN region, with the sweep settings run over several seeds labelled."""
@@ -299,8 +302,9 @@ def plot(summary: dict, path: Path, tower: str) -> None:
             several = len(s["seeds"]) > 1
             ax.errorbar(t, r, xerr=th, yerr=rh, fmt="s" if several else "x", color="dimgrey" if several else "silver",
                         ms=5 if several else 4, capsize=2)
-            if panel == 1 and several:
+            if (panel == 1 and several) or (panel == 0 and label_all):
                 label = name.replace("triplet_sn,", "").replace("kendall_", "").replace("_mining", "")
+                label = label.replace("false_negative_threshold=", "θ=").replace("false_negative_ramp=", "ramp=")
                 ax.annotate(label, (t, r), textcoords="offset points", xytext=(4, -9), fontsize=6.5, color="dimgrey")
         ax.set_xlabel("Kendall τ-b of the similarities vs MiniLM relevance (val)")
         ax.set_ylabel("rsum (val, of 600)")
@@ -362,6 +366,9 @@ def parse_args(argv=None):
     collect.add_argument("--records", default=None, help="a JSONL file of run records instead of --output_dir/runs")
     collect.add_argument("--append_to", default=None, help="append the runs not yet in this JSONL file")
     collect.add_argument("--tower", default=None, help="only the runs of this image tower (--vision folder name)")
+    collect.add_argument("--only", nargs="+", default=None,
+                         help="plot only settings containing one of these strings (and the two baselines)")
+    collect.add_argument("--label_all", action="store_true", help="label every setting in the left panel")
     return parser.parse_args(argv)
 
 
