@@ -7,12 +7,16 @@
     image_ids            int64 [B]       positives: image_ids[a] == image_ids[b]
     caption_ids          int64 [B]
     relevance            float32 [B, B]  R[a, b] = relevance(image of pair a, caption of pair b)   (with labels)
+    reference_embeds, reference_mask, caption_embeds     (streamed labels only: what R was built from, for the
+                         multi-process loss; see trainer_bcls.labels.streamed_relevance)
     relevance_order_i2t  int64 [B, B]    relevance_sort_order(R)     (the SW-HS sort order, precomputed here)
     relevance_order_t2i  int64 [B, B]    relevance_sort_order(R.T)
     return_loss          True
 
 Relevance comes from :class:`~trainer_bcls.labels.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
-small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes.
+small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes; or
+from :class:`~trainer_bcls.labels.streamed_relevance.StreamedRelevanceLabels` (captions embedded on arrival, the
+references of a row = the captions its sample carries: the row's ``captions`` list, else its own ``caption``).
 Give the Trainer ``remove_unused_columns=False`` so that rows keep ``image``/``caption``/``image_id``/``caption_id``.
 
 Bad rows: a missing/corrupt image or an empty/non-string caption raises :class:`InvalidDataError` naming the file and
@@ -34,6 +38,7 @@ from modeling_bcls.losses import relevance_sort_order
 from ..data.errors import InvalidDataError
 from ..data.image_loading import ImageLoadError, load_image
 from ..labels.relevance import RelevanceLabels
+from ..labels.streamed_relevance import StreamedRelevanceLabels
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class BCLSDataCollator:
     def __init__(
         self,
         processor,
-        relevance: RelevanceLabels | None = None,
+        relevance: RelevanceLabels | StreamedRelevanceLabels | None = None,
         max_length: int | None = 64,
         skip_invalid: bool = False,
         image_transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
@@ -80,7 +85,7 @@ class BCLSDataCollator:
         logger.warning("skipping a bad row (%d skipped so far in this process): %s", self.num_skipped, error)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        images, captions, image_ids, caption_ids = [], [], [], []
+        images, captions, image_ids, caption_ids, references = [], [], [], [], []
         for k, row in enumerate(rows):
             missing = [key for key in ROW_KEYS if key not in row and (key != "image" or self.load_images)]
             if missing:
@@ -108,6 +113,7 @@ class BCLSDataCollator:
                     image = self.image_transform(image)
                 images.append(image)
             captions.append(caption)
+            references.append(row.get("captions") or [caption])
             image_ids.append(int(row["image_id"]))
             caption_ids.append(int(row["caption_id"]))
         if not captions:
@@ -128,7 +134,12 @@ class BCLSDataCollator:
             batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.int64)
         batch["caption_ids"] = torch.tensor(caption_ids, dtype=torch.int64)
-        if self.relevance is not None:
+        if isinstance(self.relevance, StreamedRelevanceLabels):
+            batch.update(self.relevance.batch_inputs(references, captions, image_ids))
+            relevance = batch["relevance"]
+            batch["relevance_order_i2t"] = relevance_sort_order(relevance)
+            batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
+        elif self.relevance is not None:
             relevance = self.relevance.batch_matrix(np.asarray(image_ids), np.asarray(caption_ids))
             batch["relevance"] = relevance
             batch["relevance_order_i2t"] = relevance_sort_order(relevance)
