@@ -9,6 +9,9 @@
         --relevance sentence --relevance_model sentence-transformers/all-MiniLM-L6-v2 \\
         --per_device_train_batch_size 128 --num_train_epochs 10 --output_dir outputs/flickr30k
     accelerate launch examples/train.py --clip_model openai/clip-vit-base-patch32 --data ... --output_dir ...
+    python examples/train.py --data 'shards/shard-{000000..000099}.tar' --max_steps 5000 --eval_data path/to/flickr8k \
+        --relevance_model sentence-transformers/all-MiniLM-L6-v2 --output_dir outputs/shards   # webdataset shards
+    python examples/train.py --data user/dataset --streaming --max_steps 5000 ...   # an HF streaming dataset
 
 Every `TrainingArguments` flag works (see `--help`), plus the model, data, relevance and loss flags below.
 """
