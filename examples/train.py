@@ -9,6 +9,9 @@
         --relevance sentence --relevance_model sentence-transformers/all-MiniLM-L6-v2 \\
         --per_device_train_batch_size 128 --num_train_epochs 10 --output_dir outputs/flickr30k
     accelerate launch examples/train.py --clip_model openai/clip-vit-base-patch32 --data ... --output_dir ...
+    python examples/train.py --data 'shards/shard-{000000..000099}.tar' --max_steps 5000 --eval_data path/to/flickr8k \
+        --relevance_model sentence-transformers/all-MiniLM-L6-v2 --output_dir outputs/shards   # webdataset shards
+    python examples/train.py --data user/dataset --streaming --max_steps 5000 ...   # an HF streaming dataset
 
 Every `TrainingArguments` flag works (see `--help`), plus the model, data, relevance and loss flags below.
 """
@@ -37,12 +40,16 @@ from trainer_bcls import (  # noqa: E402
     BCLSDataCollator,
     BCLSTrainer,
     BCLSTrainingArguments,
+    SentenceEmbeddingRelevance,
+    StreamedRelevanceLabels,
     build_relevance_labels,
+    StreamingPairs,
     build_tiny_model_and_processor,
     default_synthetic_dir,
     freeze_towers,
     load_pairs,
 )
+from trainer_bcls.data.streaming import hf_stream_samples, is_shard_pattern, shard_samples  # noqa: E402
 from trainer_bcls.hub.model_card import is_hub_repo_id  # noqa: E402
 
 logger = logging.getLogger("bcls.train")
@@ -98,6 +105,19 @@ class DataArguments:
     eval_split: str | None = field(
         default="val", metadata={"help": "Split for evaluation; 'none' (or '') trains without evaluation."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream --data (a Hub id or local parquet files) with load_dataset(streaming=True); "
+                  "webdataset shard patterns (path/shard-{000000..000099}.tar, fsspec URLs) always stream. "
+                  "Needs --max_steps."},
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Streams: samples in the shuffle buffer."})
+    stream_captions: str = field(
+        default="one", metadata={"help": "Streams: one (a caption drawn per sample per epoch) | all (a pair each)."}
+    )
+    eval_data: str | None = field(
+        default=None, metadata={"help": "Map-style data of the eval split (default --data; shards: no evaluation)."}
+    )
     image_column: str | None = field(default=None)
     caption_column: str | None = field(default=None)
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (count, log) bad rows instead of failing."})
@@ -113,7 +133,15 @@ class DataArguments:
         default=None, metadata={"help": "Text encoder for --relevance sentence (e.g. all-MiniLM-L6-v2)."}
     )
     relevance_embeddings: str | None = field(default=None, metadata={"help": "File for --relevance precomputed."})
-    relevance_references: str = field(default="all", metadata={"help": "all | paired"})
+    relevance_references: str = field(
+        default="all",
+        metadata={"help": "all | paired | sample. sample: the streamed labels (captions embedded as they arrive, "
+                  "references = the captions the sample carries; a map-style row carries its own caption only); "
+                  "--relevance sentence only. Streams (--streaming, shard patterns) always use sample."},
+    )
+    relevance_cache_max_gb: float = field(
+        default=2.0, metadata={"help": "On-disk bound of the streamed labels' caption-embedding cache."}
+    )
     relevance_cache_dir: str | None = field(default=None, metadata={"help": "Cache of caption embeddings."})
     hard_negatives_per_row: int = field(
         default=0,
@@ -210,6 +238,42 @@ def build_model_and_processor(model_args: ModelArguments, loss_overrides: dict, 
     return model, processor
 
 
+def load_stream(data: str, data_args: DataArguments, seed: int) -> StreamingPairs:
+    """Training pairs streamed from webdataset shards or `load_dataset(..., streaming=True)`."""
+    if data_args.max_train_pairs is not None:
+        raise ValueError("--max_train_pairs applies to map-style data; a stream trains for --max_steps")
+    if is_shard_pattern(data):
+        samples = shard_samples(data, skip_invalid=data_args.skip_invalid)
+    else:
+        samples = hf_stream_samples(data, data_args.train_split, data_args.image_column, data_args.caption_column,
+                                    skip_invalid=data_args.skip_invalid)
+    return StreamingPairs(samples, captions=data_args.stream_captions, seed=seed,
+                          shuffle_buffer=data_args.shuffle_buffer)
+
+
+def first_captions(pairs: StreamingPairs, count: int = 5000) -> list[str]:
+    """Captions of the first samples of the stream (the vocabulary of the tiny from-scratch text tower)."""
+    captions: list[str] = []
+    for sample in pairs.samples.take(count):
+        captions.extend(sample["captions"])
+    return captions
+
+
+def build_streamed_relevance(data_args: DataArguments) -> StreamedRelevanceLabels | None:
+    """The streamed labels (`--relevance_references sample`, and every stream); `None` for `--relevance none`."""
+    if data_args.relevance in ("none", ""):
+        return None
+    if data_args.relevance != "sentence":
+        raise ValueError(
+            f"--relevance {data_args.relevance} cannot label a stream or --relevance_references sample: TF-IDF is "
+            "fitted on every caption of the split and a precomputed file is indexed by split caption ids. Use "
+            "--relevance sentence (captions embedded as they arrive) or --relevance none."
+        )
+    embedder = SentenceEmbeddingRelevance(data_args.relevance_model or "sentence-transformers/all-MiniLM-L6-v2")
+    return StreamedRelevanceLabels(embedder, cache_dir=data_args.relevance_cache_dir,
+                                   max_cache_gb=data_args.relevance_cache_max_gb)
+
+
 def same_rows(a, b) -> bool:
     """Whether two pair views hold the same (file, caption) rows, in the same order."""
     return len(a) == len(b) and a["filename"] == b["filename"] and a["caption"] == b["caption"]
@@ -235,20 +299,33 @@ def main(argv: list[str] | None = None) -> dict:
     data = data_args.data or str(default_synthetic_dir())
     data_file_options = dict(allow_outside_paths=data_args.allow_outside_paths,
                              merge_duplicate_images=data_args.merge_duplicate_images)
-    train_pairs = load_pairs(
-        data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
-        **data_file_options,
-    )
-    all_train_pairs = train_pairs
-    if data_args.max_train_pairs is not None:
-        train_pairs = train_pairs.select(range(min(data_args.max_train_pairs, len(train_pairs))))
-    eval_pairs = None
-    if data_args.eval_split and data_args.eval_split.lower() != "none":
-        eval_pairs = load_pairs(
-            data, data_args.eval_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
+    streaming = data_args.streaming or is_shard_pattern(data)
+    eval_data = data_args.eval_data or (None if is_shard_pattern(data) else data)
+    if streaming:
+        train_pairs = load_stream(data, data_args, training_args.seed)
+        if not any(arg == "--relevance" or arg.startswith("--relevance=") for arg in argv):
+            data_args.relevance = "sentence"  # the default TF-IDF cannot label a stream
+            logger.info("streamed data: relevance labels from the sentence embedder, embedded as captions arrive")
+        data_args.relevance_references = "sample"
+        vocabulary = {"caption": first_captions(train_pairs)}
+    else:
+        train_pairs = load_pairs(
+            data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,
             **data_file_options,
         )
-        if same_rows(all_train_pairs, eval_pairs):
+        all_train_pairs = train_pairs
+        if data_args.max_train_pairs is not None:
+            train_pairs = train_pairs.select(range(min(data_args.max_train_pairs, len(train_pairs))))
+        vocabulary = train_pairs
+    eval_pairs = None
+    if data_args.eval_split and data_args.eval_split.lower() != "none" and eval_data is None:
+        logger.info("training from shards without --eval_data: no evaluation")
+    elif data_args.eval_split and data_args.eval_split.lower() != "none":
+        eval_pairs = load_pairs(
+            eval_data, data_args.eval_split, data_args.image_column, data_args.caption_column,
+            data_args.skip_invalid, **data_file_options,
+        )
+        if not streaming and eval_data == data and same_rows(all_train_pairs, eval_pairs):
             raise ValueError(
                 f"--train_split {data_args.train_split!r} and --eval_split {data_args.eval_split!r} are the same rows "
                 "of the data: evaluation and --load_best_model_at_end would score the training pairs. Name a "
@@ -258,9 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("no eval split: evaluation during training is off")
         training_args.eval_strategy = IntervalStrategy.NO
         training_args.load_best_model_at_end = False
-    logger.info("data %s: %d training pairs, %s eval pairs", data, len(train_pairs), eval_pairs and len(eval_pairs))
+    train_size = repr(train_pairs) if streaming else f"{len(train_pairs)} training pairs"
+    logger.info("data %s: %s, %s eval pairs", data, train_size, eval_pairs and len(eval_pairs))
 
-    model, processor = build_model_and_processor(model_args, loss_overrides, train_pairs)
+    model, processor = build_model_and_processor(model_args, loss_overrides, vocabulary)
     freeze_towers(
         model,
         freeze_vision_model=model_args.freeze_vision_model,
@@ -276,7 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
         references=data_args.relevance_references,
         cache_dir=data_args.relevance_cache_dir,
     )
-    train_relevance = build_relevance_labels(train_pairs, **relevance_kwargs)
+    if data_args.relevance_references == "sample":
+        relevance_kwargs["references"] = "all"  # the eval split keeps the map-style labels its metrics are read by
+        train_relevance = build_streamed_relevance(data_args)
+    else:
+        train_relevance = build_relevance_labels(train_pairs, **relevance_kwargs)
     eval_relevance = None
     if eval_pairs is not None and data_args.relevance != "precomputed":  # a precomputed file covers one split
         eval_relevance = build_relevance_labels(eval_pairs, **relevance_kwargs)
@@ -293,6 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if data_args.hard_negatives_per_row < 0:
         raise ValueError(f"--hard_negatives_per_row must be >= 0, got {data_args.hard_negatives_per_row}")
+    if data_args.hard_negatives_per_row and streaming:
+        raise ValueError("--hard_negatives_per_row: mined hard negatives are columns of a map-style split (a saved "
+                         "dataset from examples/mine_hard_negatives.py), not of a stream")
     if data_args.hard_negatives_per_row and "hard_negative_caption_ids" not in train_pairs.column_names:
         raise ValueError(
             f"--hard_negatives_per_row {data_args.hard_negatives_per_row}: the training split of {data} has no mined "
@@ -312,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         eval_relevance=eval_relevance,
         data_description=f"{Path(data).name if Path(data).exists() else data} ({data_args.train_split} split, "
-        f"{len(train_pairs)} pairs); relevance labels: {data_args.relevance}",
+        f"{'streamed' if streaming else f'{len(train_pairs)} pairs'}); relevance labels: {data_args.relevance}",
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)

@@ -121,3 +121,15 @@ def test_bench_locked_cache_script_runs(one_thread):
     )  # fmt: skip
     assert [row[0] for row in result["rows"]] == [1, 2] and all(row[1] > 0 and row[2] > 0 for row in result["rows"])
     assert result["entries"] == 8 and result["weight_diff"] <= 1e-5
+
+
+def test_bench_stream_smoke(synthetic_dir, tmp_path, one_thread):
+    """Shards vs the map-style pair view of the same images: the table's rows, with positive rates."""
+    out = tmp_path / "stream.json"
+    _load("bench_stream").main([
+        "--data", str(synthetic_dir), "--images", "24", "--steps", "2", "--warmup", "2", "--rounds", "1",
+        "--batch_size", "8", "--workers", "0", "--work_dir", str(tmp_path / "work"), "--json", str(out),
+    ])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["labels"], r["workers"]) for r in rows] == [("none", 0), ("sentence (warm cache)", 0)]
+    assert all(r["map"] > 0 and r["stream"] > 0 and r["ratio"] == pytest.approx(r["stream"] / r["map"]) for r in rows)

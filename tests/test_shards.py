@@ -148,3 +148,21 @@ def test_unreadable_and_truncated_shards(tmp_path, synth):
     # the samples read before the break are kept, the rest of the truncated shard is skipped
     assert keys == ["train_00000"] + [f"train_{i:05d}" for i in range(5, 10)]
     assert report.counts["unreadable shard"] == 2
+
+
+def test_fsspec_urls(tmp_path, synth):
+    """A URL pattern is expanded, not checked locally, and opened through fsspec (here its in-memory filesystem)."""
+    import fsspec
+
+    paths = write_shards(jpeg_samples(synth), tmp_path, samples_per_shard=5)
+    memory = fsspec.filesystem("memory")
+    for i, path in enumerate(paths):
+        memory.pipe(f"/bcls-test/s-{i}.tar", Path(path).read_bytes())
+    try:
+        urls = expand_shard_pattern("memory://bcls-test/s-{0..1}.tar")
+        assert urls == ["memory://bcls-test/s-0.tar", "memory://bcls-test/s-1.tar"]
+        assert [s["key"] for s in iter_shard_samples(urls)] == [f"train_{i:05d}" for i in range(10)]
+        with pytest.raises(InvalidDataError, match=r"s-7.tar.*unreadable"):
+            list(iter_shard_samples(["memory://bcls-test/s-7.tar"]))
+    finally:
+        memory.rm("/bcls-test", recursive=True)

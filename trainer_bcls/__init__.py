@@ -20,6 +20,8 @@ from .labels.relevance import (
     TfidfRelevance,
     build_relevance_labels,
 )
+from .labels.streamed_relevance import StreamedRelevanceLabels
+from .data.streaming import StreamingPairs
 from .data.synthetic import default_synthetic_dir, make_synthetic_dataset
 from .towers.tiny_towers import build_tiny_model_and_processor
 from .training.tower_freezing import freeze_tower, freeze_towers, layer_groups, unfreeze_tower
@@ -35,6 +37,8 @@ __all__ = [
     "PrecomputedRelevance",
     "RelevanceLabels",
     "SentenceEmbeddingRelevance",
+    "StreamedRelevanceLabels",
+    "StreamingPairs",
     "TfidfRelevance",
     "build_relevance_labels",
     "build_tiny_model_and_processor",

@@ -120,6 +120,8 @@ def train_flags(args, run_dir: Path) -> list[str]:
         flags += ["--tower_learning_rate", str(args.tower_learning_rate)]
     if args.projection_hidden_dim is not None:
         flags += ["--projection_hidden_dim", str(args.projection_hidden_dim)]
+    if args.relevance_references != "all":
+        flags += ["--relevance_references", args.relevance_references]
     return flags
 
 
@@ -360,6 +362,8 @@ def parse_args(argv=None):
     run.add_argument("--relevance", choices=["minilm", "tfidf", "both"], default="minilm")
     run.add_argument("--relevance_reduce", choices=["max", "mean"], default="max")
     run.add_argument("--relevance_rescale", action="store_true")
+    run.add_argument("--relevance_references", choices=["all", "paired", "sample"], default="all",
+                     help="sample: the streamed labels (embedded on arrival; a map-style row carries its own caption)")
     collect = sub.add_parser("collect")
     collect.set_defaults(func=cmd_collect)
     collect.add_argument("--plot", default=None)

@@ -7,6 +7,8 @@
     image_ids            int64 [B]       positives: image_ids[a] == image_ids[b]
     caption_ids          int64 [B]
     relevance            float32 [B, B]  R[a, b] = relevance(image of pair a, caption of pair b)   (with labels)
+    reference_embeds, reference_mask, caption_embeds     (streamed labels only: what R was built from, for the
+                         multi-process loss; see trainer_bcls.labels.streamed_relevance)
     relevance_order_i2t  int64 [B, B]    relevance_sort_order(R)     (the SW-HS sort order, precomputed here)
     relevance_order_t2i  int64 [B, B]    relevance_sort_order(R.T)
     return_loss          True
@@ -23,7 +25,9 @@ five pairs of an image use different ones; a caption already in the batch is not
     relevance_order_i2t  int64 [B, B + E];   relevance_order_t2i over R[:, :B].T (text queries: paired captions only)
 
 Relevance comes from :class:`~trainer_bcls.labels.relevance.RelevanceLabels` (cached caption embeddings: a lookup and a
-small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes.
+small matmul, no model call), so the collator is cheap and picklable and runs inside DataLoader worker processes; or
+from :class:`~trainer_bcls.labels.streamed_relevance.StreamedRelevanceLabels` (captions embedded on arrival, the
+references of a row = the captions its sample carries: the row's ``captions`` list, else its own ``caption``).
 Give the Trainer ``remove_unused_columns=False`` so that rows keep ``image``/``caption``/``image_id``/``caption_id``.
 
 Bad rows: a missing/corrupt image or an empty/non-string caption raises :class:`InvalidDataError` naming the file and
@@ -45,6 +49,7 @@ from modeling_bcls.losses import relevance_sort_order
 from ..data.errors import InvalidDataError
 from ..data.image_loading import ImageLoadError, load_image
 from ..labels.relevance import RelevanceLabels
+from ..labels.streamed_relevance import StreamedRelevanceLabels
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ class BCLSDataCollator:
     def __init__(
         self,
         processor,
-        relevance: RelevanceLabels | None = None,
+        relevance: RelevanceLabels | StreamedRelevanceLabels | None = None,
         max_length: int | None = 64,
         skip_invalid: bool = False,
         image_transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
@@ -76,6 +81,9 @@ class BCLSDataCollator:
     ):
         if hard_negatives_per_row < 0:
             raise ValueError(f"hard_negatives_per_row must be >= 0, got {hard_negatives_per_row}")
+        if hard_negatives_per_row and isinstance(relevance, StreamedRelevanceLabels):
+            raise ValueError("mined hard negatives are caption ids of a map-style split: they do not combine with "
+                             "streamed relevance labels")
         self.hard_negatives_per_row = int(hard_negatives_per_row)
         self.processor = processor
         self.relevance = relevance
@@ -96,7 +104,7 @@ class BCLSDataCollator:
         logger.warning("skipping a bad row (%d skipped so far in this process): %s", self.num_skipped, error)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        images, captions, image_ids, caption_ids, kept_rows = [], [], [], [], []
+        images, captions, image_ids, caption_ids, references, kept_rows = [], [], [], [], [], []
         for k, row in enumerate(rows):
             missing = [key for key in ROW_KEYS if key not in row and (key != "image" or self.load_images)]
             if missing:
@@ -124,6 +132,7 @@ class BCLSDataCollator:
                     image = self.image_transform(image)
                 images.append(image)
             captions.append(caption)
+            references.append(row.get("captions") or [caption])
             image_ids.append(int(row["image_id"]))
             caption_ids.append(int(row["caption_id"]))
             kept_rows.append(k)
@@ -153,7 +162,11 @@ class BCLSDataCollator:
         if self.hard_negatives_per_row:
             batch["hard_negative_caption_ids"] = torch.tensor(extra_ids, dtype=torch.int64)
             batch["hard_negative_image_ids"] = torch.tensor(extra_images, dtype=torch.int64)
-        if self.relevance is not None:
+        if isinstance(self.relevance, StreamedRelevanceLabels):
+            batch.update(self.relevance.batch_inputs(references, captions, image_ids))
+            relevance = batch["relevance"]
+            batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
+        elif self.relevance is not None:
             image_array, caption_array = np.asarray(image_ids), np.asarray(caption_ids)
             relevance = self.relevance.batch_matrix(image_array, caption_array)
             batch["relevance_order_t2i"] = relevance_sort_order(relevance.T.contiguous())
@@ -161,6 +174,7 @@ class BCLSDataCollator:
                 extra = self.relevance.candidate_matrix(image_array, caption_array, np.asarray(extra_ids))
                 relevance = torch.cat([relevance, extra], dim=1)
             batch["relevance"] = relevance
+        if self.relevance is not None:
             batch["relevance_order_i2t"] = relevance_sort_order(relevance)
         batch["return_loss"] = True
         return batch

@@ -40,6 +40,25 @@ def global_relevance(
     return full[rows], full[:, rows].T
 
 
+def global_streamed_relevance(
+    labels: dict[str, torch.Tensor], all_image_ids: torch.Tensor, sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `global_relevance` for streamed labels: the batch carries the embeddings its relevance was built from
+    (`reference_embeds`, `reference_mask`, `caption_embeds`); they are gathered and the global matrix rebuilt with
+    `relevance_from_embeddings`, the collator's own formula."""
+    from ..labels.streamed_relevance import relevance_from_embeddings
+
+    device = all_image_ids.device
+    refs = gather_no_grad(labels["reference_embeds"].to(device), sizes)
+    mask = gather_no_grad(labels["reference_mask"].to(device=device, dtype=torch.uint8), sizes).bool()
+    caps = gather_no_grad(labels["caption_embeds"].to(device), sizes)
+    start = local_offset(sizes)
+    rows = slice(start, start + labels["caption_embeds"].shape[0])
+    i2t = relevance_from_embeddings(refs[rows], mask[rows], caps, all_image_ids[rows], all_image_ids)
+    t2i = relevance_from_embeddings(refs, mask, caps[rows], all_image_ids, all_image_ids[rows]).T
+    return i2t, t2i
+
+
 def global_bcls_loss(
     config,
     image_embeds: torch.Tensor,
@@ -91,6 +110,8 @@ def global_bcls_loss(
             relevance_t2i = relevance_i2t[:, :batch].T
             order_i2t = labels.get("relevance_order_i2t")
             order_t2i = labels.get("relevance_order_t2i")
+        elif labels.get("caption_embeds") is not None:  # streamed labels: rebuilt from the gathered embeddings
+            relevance_i2t, relevance_t2i = global_streamed_relevance(labels, all_image_ids, sizes)
         else:
             if relevance_labels is None or labels.get("caption_ids") is None:
                 raise ValueError(

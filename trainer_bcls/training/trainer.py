@@ -14,6 +14,13 @@ What it adds to `Trainer`:
   trainable tail on cached boundary states). Image caches are bypassed, with a warning, when the collator augments
   images; a dataset without pair-view ids falls back to the per-step locked-image cache
   (`trainer_bcls.training.locked_image_cache`).
+- streams (`trainer_bcls.data.streaming.StreamingPairs`: webdataset shards, HF streaming datasets) train with
+  `max_steps`; each process and DataLoader worker reads its own shards (the DataLoader is not re-sharded by
+  accelerate), the lock-boundary and locked-image caches are off (one log line: the frozen towers run at every
+  step), and `resume_from_checkpoint` restores the position in the stream by replaying it: the Trainer skips the
+  batches already trained, which the stream reproduces (seeded shuffle, caption choice by seed/epoch/key); those
+  batches are read and collated again, so resuming late in a long run costs that reading time
+  (`ignore_data_skip=True` restarts the stream at its beginning instead).
 - `create_model_card` writes a `huggingface_hub.ModelCard` (base models, datasets, license, `model-index` with the
   eval split) rendered from the project's `model_card.md` Jinja template.
 """
@@ -36,7 +43,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from .checkpoints import loss_config_changes, resolve_checkpoint
 from .feature_cache import FeatureCaches, build_feature_caches, cached_text_pooled, cached_vision_pooled
 from ..data.loaders import without_image_decoding
+from ..data.streaming import StreamingPairs
 from ..distributed import is_distributed
+from ..labels.streamed_relevance import STREAM_LABEL_KEYS
 from ..evaluation.split_evaluation import evaluate_retrieval
 from .global_loss import global_bcls_loss
 from .gradcache import cached_embeddings
@@ -47,8 +56,10 @@ from .training_args import BCLSTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-LABEL_KEYS = ("image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i",
-              "hard_negative_caption_ids", "hard_negative_image_ids")
+LABEL_KEYS = (
+    "image_ids", "caption_ids", "relevance", "relevance_order_i2t", "relevance_order_t2i",
+    "hard_negative_caption_ids", "hard_negative_image_ids", *STREAM_LABEL_KEYS,
+)
 HARD_NEGATIVE_PREFIX = "hard_negative_"  # the collator's extra text candidates: hard_negative_input_ids, ...
 MODEL_FEATURE_KEYS = (
     "pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids", "vision_pooled_output",
@@ -99,6 +110,11 @@ class BCLSTrainer(Trainer):
 
     def __init__(self, *args, eval_relevance=None, data_description: str | None = None, **kwargs):
         train_dataset = kwargs.get("train_dataset")
+        if isinstance(train_dataset, StreamingPairs):
+            args_ = kwargs.get("args", args[1] if len(args) > 1 else None)
+            if args_ is not None and args_.max_steps <= 0:
+                raise ValueError("training from a stream (shards or --streaming) needs --max_steps: a stream has no "
+                                 "length, so epochs cannot be counted")
         if isinstance(train_dataset, Dataset) and "image" in train_dataset.column_names:
             # Decode images in the collator, where a corrupt file is reported with its row (or skipped and
             # counted with `skip_invalid`), instead of inside `Dataset.__getitem__`.
@@ -165,6 +181,8 @@ class BCLSTrainer(Trainer):
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:
             self.train_dataset = train_dataset
+            if hasattr(getattr(collator, "relevance", None), "flush"):  # streamed labels: their new embeddings
+                collator.relevance.flush()
             if hasattr(collator, "load_images"):
                 collator.load_images, collator.tokenize = True, True
             if frozen:
@@ -179,11 +197,42 @@ class BCLSTrainer(Trainer):
             )
         return result
 
+    @property
+    def is_streaming(self) -> bool:
+        return isinstance(self.train_dataset, StreamingPairs)
+
+    def get_train_dataloader(self):
+        """`Trainer.get_train_dataloader`; for a stream, a DataLoader over this process's share of the shards
+        (`StreamingPairs` splits by process and worker itself), wrapped by accelerate without re-sharding or
+        dispatching (accelerate's default for an `IterableDataset` would read everything in process 0)."""
+        if not self.is_streaming:
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None,
+            drop_last=args.dataloader_drop_last,
+        )
+        return prepare_data_loader(
+            loader, device=args.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False,
+            non_blocking=args.dataloader_pin_memory,
+        )
+
     def _prepare_feature_caches(self) -> None:
         """Fill the lock-boundary caches of the frozen towers over the training split (`feature_cache`) and tell
         the collator which inputs it no longer needs to build."""
         args, collator = self.args, self.data_collator
         self.feature_caches = FeatureCaches()
+        if self.is_streaming and args.cache_locked_features:
+            logger.info("training from a stream: the lock-boundary caches need a map-style dataset, the frozen "
+                        "towers run at every step")
         if not args.cache_locked_features or not isinstance(self.train_dataset, Dataset):
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -285,7 +334,7 @@ class BCLSTrainer(Trainer):
             self._batches_without_negatives = self._batches_without_negatives + no_negative
             self._batches_counted += 1
         if self.args.embedding_chunk_size is None and not distributed and extra is None:
-            outputs = model(**inputs)
+            outputs = model(**{key: value for key, value in inputs.items() if key not in STREAM_LABEL_KEYS})
             if outputs.loss is None:
                 raise ValueError("The model returned no loss: the batch needs `return_loss=True`.")
             parts = {"loss_triplet": outputs.loss_triplet, "loss_kendall": outputs.loss_kendall}
@@ -332,6 +381,8 @@ class BCLSTrainer(Trainer):
         """`inputs` with `pixel_values` replaced by the cached pooled outputs of a locked vision tower."""
         args = self.args
         if not (args.cache_locked_features and args.cache_locked_image_features) or inputs.get("pixel_values") is None:
+            return inputs
+        if self.is_streaming:  # a stream's distinct images are unbounded: no per-image cache
             return inputs
         unwrapped = self._unwrap(model)
         tower = getattr(unwrapped, "vision_model", None)
