@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -65,11 +66,20 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.relevance in ("none", ""):
         raise ValueError("--relevance none: mining needs relevance labels to leave likely false negatives out")
+    if args.num_negatives < 1 or args.range_max < args.num_negatives:
+        raise ValueError(f"need 1 <= --num_negatives <= --range_max, got {args.num_negatives} and {args.range_max}")
+    if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
+        raise ValueError(f"--relative_margin must be in [0, 1), got {args.relative_margin}")
+    if not math.isfinite(args.relevance_threshold):
+        raise ValueError(f"--relevance_threshold must be a finite number, got {args.relevance_threshold}")
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty")
     data = args.data or str(default_synthetic_dir())
     pairs = load_pairs(data, args.train_split)
+    splits = {}
+    if args.eval_split and args.eval_split.lower() != "none":  # loaded first: a wrong split name fails before mining
+        splits[args.eval_split] = load_pairs(data, args.eval_split)
     relevance = build_relevance_labels(pairs, kind=args.relevance, model_name_or_path=args.relevance_model,
                                        embeddings_path=args.relevance_embeddings)
     model = prepare_for_inference(BCLSModel.from_pretrained(args.model), args.device)
@@ -79,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         relevance_threshold=args.relevance_threshold, relative_margin=args.relative_margin,
         batch_size=args.batch_size, max_length=args.max_length, feature_cache_dir=args.feature_cache_dir,
     )
-    splits = {args.train_split: mined}
-    if args.eval_split and args.eval_split.lower() != "none":
-        splits[args.eval_split] = load_pairs(data, args.eval_split)
+    splits = {args.train_split: mined, **splits}
     # images on disk are saved as their paths (not copied): the saved folder stays small and the lock-boundary
     # caches of the original data still match
     DatasetDict({name: with_image_paths(pairs) for name, pairs in splits.items()}).save_to_disk(str(output))

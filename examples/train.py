@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
                              merge_duplicate_images=data_args.merge_duplicate_images)
     streaming = data_args.streaming or is_shard_pattern(data)
     eval_data = data_args.eval_data or (None if is_shard_pattern(data) else data)
+    if data_args.hard_negatives_per_row < 0:
+        raise ValueError(f"--hard_negatives_per_row must be >= 0, got {data_args.hard_negatives_per_row}")
+    if data_args.hard_negatives_per_row and (streaming or data_args.max_train_pairs is not None):
+        raise ValueError("--hard_negatives_per_row: mined hard negatives are caption ids of a whole map-style split "
+                         "(a saved dataset from examples/mine_hard_negatives.py); they do not combine with "
+                         f"{'a stream' if streaming else '--max_train_pairs'}")
     if streaming:
         train_pairs = load_stream(data, data_args, training_args.seed)
         if not any(arg == "--relevance" or arg.startswith("--relevance=") for arg in argv):
@@ -314,6 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
             **data_file_options,
         )
         all_train_pairs = train_pairs
+        if data_args.hard_negatives_per_row and "hard_negative_caption_ids" not in train_pairs.column_names:
+            raise ValueError(
+                f"--hard_negatives_per_row {data_args.hard_negatives_per_row}: the training split of {data} has no "
+                "mined hard negatives (column hard_negative_caption_ids); mine them with "
+                "examples/mine_hard_negatives.py and pass its --output as --data"
+            )
         if data_args.max_train_pairs is not None:
             train_pairs = train_pairs.select(range(min(data_args.max_train_pairs, len(train_pairs))))
         vocabulary = train_pairs
@@ -373,17 +385,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"({model.config.binary_loss}) alone."
         )
 
-    if data_args.hard_negatives_per_row < 0:
-        raise ValueError(f"--hard_negatives_per_row must be >= 0, got {data_args.hard_negatives_per_row}")
-    if data_args.hard_negatives_per_row and streaming:
-        raise ValueError("--hard_negatives_per_row: mined hard negatives are columns of a map-style split (a saved "
-                         "dataset from examples/mine_hard_negatives.py), not of a stream")
-    if data_args.hard_negatives_per_row and "hard_negative_caption_ids" not in train_pairs.column_names:
-        raise ValueError(
-            f"--hard_negatives_per_row {data_args.hard_negatives_per_row}: the training split of {data} has no mined "
-            "hard negatives (column hard_negative_caption_ids); mine them with examples/mine_hard_negatives.py and "
-            "pass its --output as --data"
-        )
     collator = BCLSDataCollator(
         processor, relevance=train_relevance, max_length=model_args.max_length, skip_invalid=data_args.skip_invalid,
         hard_negatives_per_row=data_args.hard_negatives_per_row,

@@ -33,6 +33,9 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, synthetic
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["world"] == 2
+        local_only = result["local_only"]
+        assert local_only["loss"] == pytest.approx(local_only["reference"], abs=1e-6)
+        assert local_only["loss"] != pytest.approx(local_only["global"], abs=1e-4)
         relevance = result["relevance_of_negatives"]
         # relevance-aware negatives: the thresholds leave some negatives out / down-weight some, not all
         assert any(r > 0.1 for r in relevance) and any(0.06 < r < 0.1 for r in relevance)
@@ -40,7 +43,9 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, synthetic
         assert result["triplet_sn_soft_false_negatives"]["reference_loss"] != result["triplet_sn"]["reference_loss"]
         assert result["vse_hard_false_negatives"]["reference_loss"] != result["vse"]["reference_loss"]
         # each binary term + Kendall, and relevance-aware negatives (soft and hard)
-        assert result["mined"]["extra_candidates"] == 12
+        # 12 mined, one of them a caption paired in the batch (dropped); one a positive of the last image's rows
+        assert result["mined"]["extra_candidates"] == 11
+        assert result["mined"]["extra_positives"] == result["mined"]["processes_hold_last_image"] >= 1
         for binary_loss in ("triplet_sn", "vse", "infonce", "triplet_sn_soft_false_negatives",
                             "vse_hard_false_negatives", "mined"):
             check = result[binary_loss]

@@ -55,13 +55,4 @@ def negative_weights(relevance: torch.Tensor, threshold: float, ramp: float = 0.
     return 1.0 - ((relevance - threshold) / ramp).clamp(0.0, 1.0)
 
 
-def negative_log_weights(
-    relevance: Optional[torch.Tensor], threshold: Optional[float], ramp: float = 0.0
-) -> Optional[torch.Tensor]:
-    """``log w(q, n)`` (``-inf`` where a negative is left out), or None when the threshold is None (all weights 1)."""
-    if threshold is None or relevance is None:
-        return None
-    return negative_weights(relevance.float(), threshold, ramp).log()
-
-
-__all__ = ["check_false_negative_args", "negative_log_weights", "negative_weights"]
+__all__ = ["check_false_negative_args", "negative_weights"]

@@ -39,14 +39,21 @@ from .loss_triplet_sn import (
 
 
 def _vse_terms(
-    sim: torch.Tensor, positive_mask: torch.Tensor, margin: float, weights: Optional[torch.Tensor] = None
+    sim: torch.Tensor,
+    positive_mask: torch.Tensor,
+    margin: float,
+    weights: Optional[torch.Tensor] = None,
+    binary_weights: Optional[bool] = None,
 ) -> torch.Tensor:
+    """``binary_weights``: whether every weight is 0 or 1 (None: checked here, one host sync)."""
     if sim.numel() == 0:
         return _empty_terms(sim)
     excluded = _excluded(positive_mask, weights)
     has_negative = (~excluded).any(dim=1)
     rows, cols = _positive_pairs(positive_mask, has_negative)
-    if weights is None or bool(((weights == 0) | (weights == 1) | excluded).all()):
+    if binary_weights is None and weights is not None:
+        binary_weights = bool(((weights == 0) | (weights == 1) | excluded).all())
+    if weights is None or binary_weights:
         # 0/1 weights: the hardest kept negative, one max per row (VSE++'s original O(Nq Nc) form)
         hardest_negative = sim.masked_fill(excluded, float("-inf")).max(dim=1).values
         return (margin + hardest_negative[rows] - sim[rows, cols]).clamp_min(0)

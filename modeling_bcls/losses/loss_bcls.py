@@ -172,7 +172,7 @@ def bcls_loss(
         if binary_loss == "triplet_sn":
             terms = _triplet_sn_terms(dir_sim, dir_mask, float(margin), tau, weights)
         elif binary_loss == "vse":
-            terms = _vse_terms(dir_sim, dir_mask, float(margin), weights)
+            terms = _vse_terms(dir_sim, dir_mask, float(margin), weights, binary_weights=ramp == 0)
         else:
             terms = _infonce_terms(dir_sim, dir_mask, infonce_temperature, weights)
         count = torch.tensor(terms.numel(), device=dir_sim.device)

@@ -107,6 +107,14 @@ def main(out_dir: str, data_dir: str) -> None:
             "max_cached_grad_diff": max_grad_diff(cached_grads, ref_grads),
             "reference_kendall": ref_out.loss_kendall.item(),
         }
+    # --gather_across_processes False: each process's loss is the one-process loss of its local batch alone
+    with torch.no_grad():
+        out = ddp_model(**{k: local[k] for k in features}, return_loss=False)
+        local_only = global_bcls_loss(unwrapped.config, out.image_embeds, out.text_embeds, local, relevance,
+                                      gather=False)["loss"]
+        result["local_only"] = {"loss": local_only.item(), "reference": reference(**local).loss.item(),
+                                "global": global_bcls_loss(unwrapped.config, out.image_embeds, out.text_embeds,
+                                                           local, relevance)["loss"].item()}
     result["mined"] = check_mined_candidates(pairs, processor, relevance, reference, ddp_model, unwrapped,
                                              accelerator, rank, world)
     Path(out_dir, f"result-{rank}.json").write_text(json.dumps(result))
@@ -114,14 +122,20 @@ def main(out_dir: str, data_dir: str) -> None:
 
 
 def check_mined_candidates(pairs, processor, relevance, reference, ddp_model, unwrapped, accelerator, rank, world):
-    """Mined hard negatives as extra text candidates (one per row, from images outside the batch, so the local
-    batches add exactly the full batch's extras): the global loss equals `bcls_loss` on the full candidate matrix."""
+    """Mined hard negatives as extra text candidates (one per row): the global loss equals `bcls_loss` on the full
+    candidate matrix of one process. Most extras come from images outside the batch; row 0's is an unpaired caption
+    of an image that only the other process holds (a positive across processes), and row 1's is a caption paired on
+    the other process (dropped there, as the one-process collator drops it)."""
     from modeling_bcls.losses import bcls_loss
 
     rows = [dict(pairs[i]) for i in range(12)]
     outside = [r for r in pairs if r["image_id"] not in {x["image_id"] for x in rows}]
-    for k, row in enumerate(rows):
-        pick = outside[k]
+    picks = list(outside[:12])
+    last_image = rows[-1]["image_id"]  # held by the second process only
+    picks[0] = next(r for r in pairs if r["image_id"] == last_image and r["caption_id"] not in
+                    {x["caption_id"] for x in rows})
+    picks[1] = rows[7]
+    for row, pick in zip(rows, picks):
         row.update(hard_negative_caption_ids=[pick["caption_id"]], hard_negative_image_ids=[pick["image_id"]],
                    hard_negatives=[pick["caption"]])
     collator = BCLSDataCollator(processor, relevance=relevance, hard_negatives_per_row=1)
@@ -161,6 +175,8 @@ def check_mined_candidates(pairs, processor, relevance, reference, ddp_model, un
     cached_loss.backward()
     return {
         "extra_candidates": int(full["hard_negative_caption_ids"].numel()),
+        "extra_positives": int(mask[:, B:].sum()),
+        "processes_hold_last_image": [bool((r["image_id"] == last_image)) for r in rows].count(True),
         "reference_loss": ref_loss.item(),
         "global_loss_mean": accelerator.reduce(loss.detach().clone(), reduction="mean").item(),
         "cached_loss_mean": accelerator.reduce(cached_loss.detach().clone(), reduction="mean").item(),

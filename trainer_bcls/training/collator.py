@@ -210,6 +210,18 @@ class BCLSDataCollator:
                 ids.append(caption_id)
                 images.append(int(mined_images[position]))
                 texts.append(mined_texts[position])
+        if ids and isinstance(self.relevance, RelevanceLabels):
+            index = self.relevance.index
+            ids_array = np.asarray(ids)
+            bad = np.flatnonzero((ids_array >= index.num_captions) | (ids_array < 0))
+            if not len(bad):
+                bad = np.flatnonzero(index.caption_image_ids[ids_array] != np.asarray(images))
+            if len(bad):
+                k = int(bad[0])
+                raise InvalidDataError(
+                    f"mined caption_id {ids[k]} (hard_negative_image_ids {images[k]}) is not a caption of that image in "
+                    f"the training split ({index.num_captions} captions): were the hard negatives mined on other data?"
+                )
         return ids, images, texts
 
     def __repr__(self) -> str:

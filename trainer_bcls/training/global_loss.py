@@ -59,14 +59,30 @@ def global_streamed_relevance(
     return i2t, t2i
 
 
+def _first_occurrences(extra_ids: torch.Tensor, paired_ids: torch.Tensor) -> torch.Tensor:
+    """Mask of the extra caption ids that are neither paired captions of the global batch nor repeats of an
+    earlier extra id (the extra columns of one caption are kept once, as one process's collator does)."""
+    if extra_ids.numel() == 0:
+        return torch.ones(0, dtype=torch.bool, device=extra_ids.device)
+    first = torch.zeros_like(extra_ids, dtype=torch.bool)
+    unique, inverse = torch.unique(extra_ids, return_inverse=True)
+    positions = torch.arange(len(extra_ids), device=extra_ids.device)
+    earliest = torch.full((len(unique),), len(extra_ids), device=extra_ids.device).scatter_reduce(
+        0, inverse, positions, reduce="amin")
+    first[earliest] = True
+    return first & ~torch.isin(extra_ids, paired_ids)
+
+
 def global_bcls_loss(
     config,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     labels: dict[str, torch.Tensor],
     relevance_labels=None,
+    gather: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """`bcls_loss` of local queries against the candidates of all processes, normalised by global counts.
+    """`bcls_loss` of local queries against the candidates of all processes, normalised by global counts
+    (``gather=False``: of this process's batch alone, as `--gather_across_processes False` asks).
 
     Args:
         config: the model's [`BCLSConfig`] (loss hyperparameters).
@@ -79,26 +95,43 @@ def global_bcls_loss(
     """
     from modeling_bcls.losses import bcls_loss
 
-    world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    distributed = gather and is_distributed()
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    device = image_embeds.device
+
+    def sizes_of(rows: int) -> list[int]:
+        return process_sizes(rows, device) if distributed else [rows]
+
+    def with_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return gather_with_grad(tensor, sizes) if distributed else tensor
+
+    def no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return gather_no_grad(tensor, sizes) if distributed else tensor
+
     batch = image_embeds.shape[0]
-    sizes = process_sizes(batch, image_embeds.device)  # one size exchange for all the gathers
+    sizes = sizes_of(batch)  # one size exchange for all the gathers
     image_ids = labels.get("image_ids")
     if image_ids is None:
-        image_ids = torch.arange(batch, device=image_embeds.device) + local_offset(sizes)
+        image_ids = torch.arange(batch, device=device) + (local_offset(sizes) if distributed else 0)
     extra_ids = labels.get("hard_negative_caption_ids")
     if extra_ids is None and text_embeds.shape[0] != batch:
         raise ValueError(f"{batch} images but {text_embeds.shape[0]} captions and no `hard_negative_caption_ids`")
     paired_text = text_embeds[:batch]
-    all_image_embeds = gather_with_grad(image_embeds, sizes)
-    all_text_embeds = gather_with_grad(paired_text, sizes)
-    all_image_ids = gather_no_grad(image_ids, sizes)
+    all_image_embeds = with_grad(image_embeds, sizes)
+    all_text_embeds = with_grad(paired_text, sizes)
+    all_image_ids = no_grad(image_ids, sizes)
     positive_mask = image_ids[:, None] == all_image_ids[None, :]
     positive_mask_i2t = positive_mask
     if extra_ids is not None:  # mined candidates of every process after the paired captions of every process
-        extra_sizes = process_sizes(extra_ids.shape[0], image_embeds.device)
-        all_extra_ids = gather_no_grad(extra_ids, extra_sizes)
-        all_extra_images = gather_no_grad(labels["hard_negative_image_ids"], extra_sizes)
-        all_text_embeds = torch.cat([all_text_embeds, gather_with_grad(text_embeds[batch:], extra_sizes)])
+        extra_sizes = sizes_of(extra_ids.shape[0])
+        all_extra_ids = no_grad(extra_ids, extra_sizes)
+        all_extra_images = no_grad(labels["hard_negative_image_ids"], extra_sizes)
+        all_extra_embeds = with_grad(text_embeds[batch:], extra_sizes)
+        if world_size > 1:  # each collator dropped its own repeats; drop those across processes (first one kept)
+            keep = _first_occurrences(all_extra_ids, no_grad(labels["caption_ids"], sizes))
+            all_extra_ids, all_extra_images, all_extra_embeds = (
+                all_extra_ids[keep], all_extra_images[keep], all_extra_embeds[keep])
+        all_text_embeds = torch.cat([all_text_embeds, all_extra_embeds])
         positive_mask_i2t = torch.cat([positive_mask, image_ids[:, None] == all_extra_images[None, :]], dim=1)
     sim_i2t = image_embeds.float() @ all_text_embeds.float().T
     sim_t2i = paired_text.float() @ all_image_embeds.float().T
@@ -130,7 +163,7 @@ def global_bcls_loss(
         relevance_t2i = relevance_t2i.to(sim_t2i.device, torch.float32)
 
     def count_reducer(count: torch.Tensor) -> torch.Tensor:
-        return (global_count(count) / world_size).to(count.dtype)
+        return (global_count(count) / world_size).to(count.dtype) if distributed else count
 
     return bcls_loss(
         sim_i2t,

@@ -419,12 +419,14 @@ class BCLSTrainer(Trainer):
                 unwrapped,
                 features,
                 chunk_size=chunk_size,
-                loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, labels, self.relevance_labels),
+                loss_fn=lambda img, txt: global_bcls_loss(unwrapped.config, img, txt, labels, self.relevance_labels,
+                                                      gather=self.args.gather_across_processes),
                 sync_gradients=is_distributed(),
             )
         outputs = model(**features, return_loss=False)
         config = self._unwrap(model).config
-        loss_dict = global_bcls_loss(config, outputs.image_embeds, outputs.text_embeds, labels, self.relevance_labels)
+        loss_dict = global_bcls_loss(config, outputs.image_embeds, outputs.text_embeds, labels, self.relevance_labels,
+                                     gather=self.args.gather_across_processes)
         parts = {"loss_triplet": loss_dict["triplet"], "loss_kendall": loss_dict["kendall"]}
         return loss_dict["loss"], parts, outputs
 
