@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.relevance = "sentence"  # the default TF-IDF cannot label a stream
             logger.info("streamed data: relevance labels from the sentence embedder, embedded as captions arrive")
         data_args.relevance_references = "sample"
-        vocabulary = {"caption": first_captions(train_pairs)}
+        tiny_towers = not any((model_args.model_name_or_path, model_args.clip_model, model_args.vision_model,
+                               model_args.text_model))
+        # the tiny from-scratch text tower's vocabulary: read from the stream only when that tower is built
+        vocabulary = {"caption": first_captions(train_pairs)} if tiny_towers else None
     else:
         train_pairs = load_pairs(
             data, data_args.train_split, data_args.image_column, data_args.caption_column, data_args.skip_invalid,

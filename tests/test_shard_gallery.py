@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from test_parallel_index import _index, assert_same_index, model_dir  # noqa: F401 (a fixture)
+from trainer_bcls.data.errors import InvalidDataError
 from trainer_bcls.retrieval.image_sources import FolderSource
 from trainer_bcls.retrieval.index import RetrievalModel, build_index
 
@@ -52,7 +53,7 @@ def test_a_shard_gallery_is_keyed_by_sample_and_split_by_shard(model_dir, synthe
     torch.testing.assert_close(by_shard.embeddings, torch.stack([rows[k] for k in by_shard.paths]), atol=1e-6, rtol=0)
 
     (tmp_path / "shards" / "shard-000001.tar").write_bytes(b"not a tar archive" * 64)  # a corrupt shard is named
-    with pytest.raises(Exception, match=r"shard .*shard-000001\.tar"):
+    with pytest.raises(InvalidDataError, match=r"shard .*shard-000001\.tar"):
         open_image_source(pattern)
 
 
