@@ -128,7 +128,10 @@ class DataArguments:
         default=False, metadata={"help": "Make byte-identical images one image with all their captions."}
     )
     max_train_pairs: int | None = field(default=None, metadata={"help": "Truncate the training pairs."})
-    relevance: str = field(default="tfidf", metadata={"help": "Continuous labels: sentence | tfidf | precomputed | none"})
+    relevance: str | None = field(
+        default=None,
+        metadata={"help": "Continuous labels: sentence | tfidf | precomputed | none (default: tfidf; sentence for streams)"},
+    )
     relevance_model: str | None = field(
         default=None, metadata={"help": "Text encoder for --relevance sentence (e.g. all-MiniLM-L6-v2)."}
     )
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     data_file_options = dict(allow_outside_paths=data_args.allow_outside_paths,
                              merge_duplicate_images=data_args.merge_duplicate_images)
     streaming = data_args.streaming or is_shard_pattern(data)
+    if data_args.relevance is None and not streaming:
+        data_args.relevance = "tfidf"
     eval_data = data_args.eval_data or (None if is_shard_pattern(data) else data)
     if data_args.hard_negatives_per_row < 0:
         raise ValueError(f"--hard_negatives_per_row must be >= 0, got {data_args.hard_negatives_per_row}")
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{'a stream' if streaming else '--max_train_pairs'}")
     if streaming:
         train_pairs = load_stream(data, data_args, training_args.seed)
-        if not any(arg == "--relevance" or arg.startswith("--relevance=") for arg in argv):
+        if data_args.relevance is None:
             data_args.relevance = "sentence"  # the default TF-IDF cannot label a stream
             logger.info("streamed data: relevance labels from the sentence embedder, embedded as captions arrive")
         data_args.relevance_references = "sample"
