@@ -328,3 +328,20 @@ def test_cache_context_ignores_the_processor_loading_keys(tiny_processor, tmp_pa
     resized = copy.deepcopy(tiny_processor.image_processor)
     resized.size = {"height": 48, "width": 48}
     assert _pixel_config(resized) != _pixel_config(tiny_processor.image_processor)
+
+
+def test_text_cache_context_follows_the_tokenizer_not_its_folder(tiny_processor, tmp_path):
+    """A tokenizer saved next to a trained model and loaded from there has the same identity as the one training
+    used (its folder differs); another vocabulary does not."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    from trainer_bcls.training.feature_cache import _tokenizer_identity
+
+    tokenizer = tiny_processor.tokenizer
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert reloaded.name_or_path != tokenizer.name_or_path
+    assert _tokenizer_identity(reloaded) == _tokenizer_identity(tokenizer)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    assert _tokenizer_identity(BertTokenizerFast(vocab_file=str(vocab))) != _tokenizer_identity(tokenizer)

@@ -337,6 +337,14 @@ def _share_and_compute(items: list[int], prepare: Callable, compute: Callable, b
 PROCESSOR_LOADING_KEYS = ("auto_map", "processor_class", "_processor_class")
 
 
+def _tokenizer_identity(tokenizer) -> list:
+    """The tokenizer by what it does (class, vocabulary digest, lower-casing), not by the folder it was loaded from:
+    a model reloaded from its saved folder must find the text caches its training run filled."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    digest = hashlib.sha256(vocabulary.encode()).hexdigest()[:16]
+    return [type(tokenizer).__name__, digest, len(tokenizer), tokenizer.init_kwargs.get("do_lower_case")]
+
+
 def _pixel_config(image_processor) -> dict:
     return _jsonable({k: v for k, v in image_processor.to_dict().items() if k not in PROCESSOR_LOADING_KEYS})
 
@@ -400,7 +408,7 @@ def build_feature_caches(
             context = {"kind": kind, "mode": mode, "fingerprint": weights_fingerprint(tower),
                        "pooling": model.config.text_pooling,
                        "boundary": [boundary.blocks, boundary.first_trainable] if boundary else None,
-                       "tokenizer": [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
+                       "tokenizer": _tokenizer_identity(tokenizer),
                        "max_length": max_length, "precision": precision}
         if mode == "boundary":
             sample = values[:4]
