@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_towers.py
 	$(PY) benchmarks/bench_train_cached.py
 	$(PY) benchmarks/bench_retrieval_index.py
+	$(PY) benchmarks/bench_stream.py
+	$(PY) benchmarks/bench_embed.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
