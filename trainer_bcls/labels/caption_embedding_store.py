@@ -5,7 +5,7 @@ Layout: ``<cache_dir>/<embedder digest>/part-<pid>-<n>-<time>.safetensors``, eac
     digests     uint8 [n, 16]     the first 16 bytes of sha256(caption text, UTF-8)
     embeddings  float32 [n, D]    L2-normalised rows, in the same order
 
-plus the embedder's ``cache_key`` in the safetensors metadata. No pickle. Every process (and every DataLoader
+plus the embedder's ``cache_key`` in the safetensors metadata. No pickle; every process (and every DataLoader
 worker) reads the parts present when it first looks a caption up, keeps new embeddings in memory and writes them as
 a new part of its own (an atomic rename: no locks, readers never see half a part) every ``flush_every`` new rows and
 at exit. Bounds: ``max_cache_gb`` on disk (past it no part is written: the cache stops growing, logged once) and
