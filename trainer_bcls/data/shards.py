@@ -34,7 +34,10 @@ from .image_loading import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_braces", "expand_shard_pattern", "is_url", "iter_shard_samples", "sample_captions"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "expand_braces", "expand_shard_pattern", "is_shard_pattern", "is_url", "iter_shard_samples",
+    "sample_captions", "split_member_name",
+]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -108,7 +111,13 @@ def expand_shard_pattern(pattern: str | os.PathLike | Iterable[str]) -> list[str
     return shards
 
 
-def _split_member(name: str) -> tuple[str | None, str]:
+def is_shard_pattern(data: str | os.PathLike) -> bool:
+    """Whether ``data`` names webdataset shards (each ``::`` part ends in ``.tar``, braces allowed)."""
+    parts = [p for p in os.fspath(data).split("::") if p]
+    return bool(parts) and all(p.rstrip("}").lower().endswith(".tar") or p.lower().endswith(".tar") for p in parts)
+
+
+def split_member_name(name: str) -> tuple[str | None, str]:
     """``dir/000123.tar.txt``-style member name → (key ``dir/000123``, extension ``tar.txt``), webdataset's rule."""
     directory, base = os.path.split(name)
     if "." not in base or base.startswith("."):
@@ -172,7 +181,7 @@ def _iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
         for member in archive:
             if not member.isfile():
                 continue
-            key, ext = _split_member(member.name)
+            key, ext = split_member_name(member.name)
             if key is None:
                 continue
             handle = archive.extractfile(member)

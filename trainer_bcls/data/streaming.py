@@ -45,7 +45,7 @@ from datasets import Features, IterableDataset, List, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from .errors import InvalidDataError, SkipReport
-from .shards import expand_shard_pattern, is_url, iter_shard_samples
+from .shards import expand_shard_pattern, is_shard_pattern, is_url, iter_shard_samples
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,6 @@ IMAGE_COLUMN_CANDIDATES = ("image", "jpg", "jpeg", "png", "webp", "img")
 def stable_id(text: str) -> int:
     """A non-negative int63 from blake2b(text): the same in every process, worker and run."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
-
-
-def is_shard_pattern(data: str) -> bool:
-    """Whether ``--data`` names webdataset shards (each ``::`` part ends in ``.tar``, braces allowed)."""
-    parts = [p for p in str(data).split("::") if p]
-    return bool(parts) and all(p.rstrip("}").lower().endswith(".tar") or p.lower().endswith(".tar") for p in parts)
 
 
 def _generate_shard_samples(shards: list[str], skip_invalid: bool) -> Iterator[dict[str, Any]]:

@@ -157,7 +157,8 @@ def open_image_source(images: str | os.PathLike, split: str | None = None, image
     `split` picks a split of a `DatasetDict` or Hub dataset (default: the only split, else `train`); a plain saved
     `Dataset` has no splits, so a `split` there is an error.
     """
-    from .shard_source import ShardSource, is_shard_pattern
+    from ..data.shards import is_shard_pattern
+    from .shard_source import ShardSource
 
     if is_shard_pattern(images):
         if split is not None or image_column is not None:

@@ -19,22 +19,8 @@ import PIL.Image
 
 from ..data.errors import InvalidDataError
 from ..data.image_loading import MAX_IMAGE_PIXELS, load_image
-from ..data.shards import IMAGE_EXTENSIONS, expand_shard_pattern, is_url
+from ..data.shards import IMAGE_EXTENSIONS, expand_shard_pattern, is_url, split_member_name
 from .image_sources import ImageSource
-
-
-def is_shard_pattern(images: str | os.PathLike) -> bool:
-    """Whether `images` names webdataset shards (a `.tar` file or pattern, or `::`-joined patterns)."""
-    text = os.fspath(images)
-    return text.endswith(".tar") or "::" in text or (".tar" in text and "{" in text)
-
-
-def _sample_key(name: str) -> tuple[str | None, str]:
-    directory, base = os.path.split(name)
-    if "." not in base or base.startswith("."):
-        return None, ""
-    stem, ext = base.split(".", 1)
-    return (os.path.join(directory, stem) if directory else stem), ext.lower()
 
 
 class ShardSource(ImageSource):
@@ -54,7 +40,7 @@ class ShardSource(ImageSource):
             try:
                 with tarfile.open(shard, "r:") as archive:  # headers only: the data is seeked over
                     for member in archive:
-                        key, ext = _sample_key(member.name)
+                        key, ext = split_member_name(member.name)
                         if key is None or not member.isfile() or ext.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
                             continue
                         if key in first_shard:
